@@ -1,0 +1,162 @@
+"""LoRA adapters (loralib) on the transformer linears: injection, freezing, merging, adapter files.
+
+Base tensors keep their original keys (`blocks.0.attn.qkv.weight`), LoRA adds `...qkv.lora_A` and
+`...qkv.lora_B`, so official MAE checkpoints load unchanged into a LoRA model. Layers are built with
+loralib's implicit merge-on-eval switched off: merging is explicit (`merge_lora`, for inference only),
+and `unmerged_state_dict` is what gets saved, so a checkpoint never double-counts the adapters.
+"""
+from pathlib import Path
+
+import loralib as lora
+import torch
+from torch import nn
+
+from util.misc import save_atomic
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention in/out projections and the MLP linears
+BLOCK_SCOPES = ("blocks", "decoder_blocks")
+
+
+def is_lora_name(name: str) -> bool:
+    return name.endswith(".lora_A") or name.endswith(".lora_B")
+
+
+def inject_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] = ("qkv", "proj"),
+    scopes: tuple[str, ...] = BLOCK_SCOPES,
+) -> list[str]:
+    """Replace the `targets` linears inside the `scopes` block lists by loralib layers, in place.
+
+    alpha defaults to rank (scaling 1). The base weight and bias are copied and keep their
+    requires_grad: freezing is `freeze_non_lora`'s decision, not a side effect of injection.
+    Returns the names of the replaced modules.
+    """
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(LORA_TARGETS)}")
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        if parent_name.split(".")[0] not in scopes:
+            continue
+        for child_name, child in list(parent.named_children()):
+            if child_name not in targets or type(child) is not nn.Linear:
+                continue
+            layer = lora.Linear(
+                child.in_features, child.out_features, r=rank, lora_alpha=alpha if alpha is not None else rank,
+                lora_dropout=dropout, merge_weights=False, bias=child.bias is not None,
+            ).to(device=child.weight.device, dtype=child.weight.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(child.weight)
+                if child.bias is not None:
+                    layer.bias.copy_(child.bias)
+            layer.weight.requires_grad_(child.weight.requires_grad)
+            setattr(parent, child_name, layer)
+            replaced.append(f"{parent_name}.{child_name}")
+    return replaced
+
+
+def lora_layers(model: nn.Module) -> dict[str, lora.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, lora.Linear) and m.r > 0}
+
+
+def _delta(layer: lora.Linear) -> torch.Tensor:
+    """The LoRA update B @ A * scaling, computed in fp32 and cast to the base weight's dtype."""
+    return ((layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling).to(layer.weight.dtype)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base weight (inference speed); returns how many were merged."""
+    merged = 0
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            layer.weight += _delta(layer)
+            layer.merged = True
+            merged += 1
+    return merged
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo `merge_lora` (up to rounding); returns how many layers were unmerged."""
+    unmerged = 0
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.weight -= _delta(layer)
+            layer.merged = False
+            unmerged += 1
+    return unmerged
+
+
+def unmerged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every base weight UNMERGED, whatever state the model is in."""
+    state = model.state_dict()
+    for name, layer in lora_layers(model).items():
+        if layer.merged:
+            state[f"{name}.weight"] = (layer.weight - _delta(layer)).detach()
+    return state
+
+
+def freeze_non_lora(model: nn.Module, pretrained_keys: set[str]) -> None:
+    """Freeze the non-LoRA parameters that were loaded from a pretrained checkpoint.
+
+    LoRA tensors and everything that was randomly initialised (e.g. a 7x7 patch embedding, a
+    decoder the checkpoint lacks) stay trainable, since freezing random weights would cripple them.
+    """
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_name(name) or name not in pretrained_keys)
+
+
+def parameter_table(model: nn.Module) -> str:
+    """A short text table: trainable LoRA / trainable other / frozen parameter counts."""
+    groups = {"trainable (LoRA)": 0, "trainable (other)": 0, "frozen": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            groups["frozen"] += param.numel()
+        elif is_lora_name(name):
+            groups["trainable (LoRA)"] += param.numel()
+        else:
+            groups["trainable (other)"] += param.numel()
+    total = sum(groups.values())
+    lines = [f"{'parameters':<20}{'count':>14}{'share':>8}"]
+    for label, count in groups.items():
+        lines.append(f"{label:<20}{count:>14,}{count / max(total, 1):>8.1%}")
+    lines.append(f"{'total':<20}{total:>14,}")
+    return "\n".join(lines)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the trainable tensors (the adapters and whatever else was trained), unmerged."""
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {k: v for k, v in unmerged_state_dict(model).items() if k in trainable}
+
+
+def export_adapter(model: nn.Module, path: str | Path, args: dict | None = None) -> None:
+    """Write an adapter file {'adapter': trainable tensors, 'args': training options}."""
+    save_atomic({"adapter": adapter_state_dict(model), "args": dict(args or {})}, path)
+
+
+def import_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors into a model that already holds its base weights (unmerged).
+
+    Every tensor must have a home of the same shape in the model: a mismatch means the adapter was
+    trained for another model or LoRA configuration, and loading it partly would be silently wrong.
+    """
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError("import adapters into an unmerged model (call unmerge_lora first)")
+    own = model.state_dict()
+    unexpected = sorted(k for k in adapter if k not in own)
+    mismatched = sorted(k for k in adapter if k in own and own[k].shape != adapter[k].shape)
+    if unexpected or mismatched:
+        raise ValueError(
+            "adapter does not fit this model: "
+            + (f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]}) " if unexpected else "")
+            + (f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})" if mismatched else "")
+        )
+    model.load_state_dict(adapter, strict=False)

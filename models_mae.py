@@ -1,0 +1,322 @@
+"""The masked autoencoder (ViT encoder + light decoder, as in MAE) and the anomaly scorer built on it.
+
+Training: `MaskedAutoencoderViT.forward(imgs, mask_ratio) -> loss, pred, mask`, exactly MAE's recipe.
+Scoring: `AnomalyScorer(model, num_masks, mask_pattern, sigma)(imgs)` hides every patch once across
+K deterministic views, reconstructs all views in one batch, and turns the per-pixel squared error of
+the hidden patches into smoothed anomaly maps and image scores.
+"""
+from functools import partial
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from lora_utils import inject_lora
+from util.masks import make_inference_masks
+from util.pos_embed import get_2d_sincos_pos_embed
+from util.smoothing import GaussianSmoothing
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT backbone; tensor names follow the official MAE checkpoints."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 7,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(
+                f"input size {img_size} is not a multiple of the patch size {patch_size}; "
+                f"use e.g. {patch_size * (img_size // patch_size)} or {patch_size * (img_size // patch_size + 1)}"
+            )
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid_size = img_size // patch_size
+        self.norm_pix_loss = norm_pix_loss
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed sin-cos embeddings for this grid. Persistent so our checkpoints carry the official key
+        # names; official weights made for another grid are never loaded into them.
+        self.register_buffer("pos_embed", torch.zeros(1, num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", torch.zeros(1, num_patches + 1, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """MAE's initialisation: xavier for linears and the patch projection, N(0, 0.02) tokens."""
+        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, cls_token=True))
+        self.decoder_pos_embed.copy_(
+            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True)
+        )
+        # The patch projection is a linear map of the flattened patch, so it gets a linear's init.
+        proj = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    # ---- patches ------------------------------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, L, p*p*C], each patch flattened as (row, col, channel)."""
+        n, c, g, p = imgs.shape[0], self.in_chans, self.grid_size, self.patch_size
+        x = imgs.reshape(n, c, g, p, g, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(n, g * g, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, p*p*C] -> [N, C, H, W]; the inverse of `patchify`."""
+        n, c, g, p = x.shape[0], self.in_chans, self.grid_size, self.patch_size
+        x = x.reshape(n, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
+
+    def patch_targets(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction targets [N, L, P] and each patch's mean and std [N, L, 1].
+
+        With norm_pix_loss the target is the patch normalised by its own mean and std (MAE);
+        otherwise mean 0 and std 1, so `pred * std + mean` is the identity.
+        """
+        target = self.patchify(imgs).float()
+        if not self.norm_pix_loss:
+            return target, torch.zeros_like(target[..., :1]), torch.ones_like(target[..., :1])
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+        return (target - mean) / std, mean, std
+
+    # ---- encoder / decoder --------------------------------------------------------------------
+    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> patch tokens with position embedding [N, L, D] (no class token)."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+    def forward_encoder(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the visible tokens: tokens [N, L, D], ids_keep [N, L_vis] -> latent [N, 1 + L_vis, D]."""
+        x = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1 + L_vis, D], ids_restore [N, L] -> patch predictions [N, L, p*p*C].
+
+        Each sample is put back in its OWN patch order: ids_restore is per sample.
+        """
+        x = self.decoder_embed(latent)
+        n, num_visible = x.shape[0], x.shape[1] - 1
+        mask_tokens = self.mask_token.to(x.dtype).expand(n, ids_restore.shape[1] - num_visible, -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, D'] in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x)[:, 1:, :]  # drop the class token
+
+    # ---- training -----------------------------------------------------------------------------
+    def random_masking(self, n: int, mask_ratio: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random masking: ids_keep [N, L_vis], ids_restore [N, L], mask [N, L] (1 = hidden)."""
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        num_keep = int(self.num_patches * (1 - mask_ratio))
+        noise = torch.rand(n, self.num_patches, device=device)
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first num_keep are kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        mask = torch.ones(n, self.num_patches, device=device)
+        mask[:, :num_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # back to patch order
+        return ids_shuffle[:, :num_keep], ids_restore, mask
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the hidden patches only (MAE)."""
+        target, _, _ = self.patch_targets(imgs)
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L], loss per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MAE training step: returns loss, pred [N, L, p*p*C], mask [N, L] (1 = hidden)."""
+        ids_keep, ids_restore, mask = self.random_masking(imgs.shape[0], mask_ratio, imgs.device)
+        latent = self.forward_encoder(self.embed_patches(imgs), ids_keep)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    # ---- deterministic views for scoring ------------------------------------------------------
+    def reconstruct_views(self, imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Reconstruct every image under each of K fixed masks in ONE batch of N*K sequences.
+
+        imgs [N, C, H, W]; masks bool [K, L] (True = hidden), each view hiding the same number of
+        patches. Returns pred [N, K, L, p*p*C].
+        """
+        n, num_views = imgs.shape[0], masks.shape[0]
+        hidden_per_view = masks.sum(dim=1)
+        if not bool((hidden_per_view == hidden_per_view[0]).all()):
+            raise ValueError("every inference view must hide the same number of patches")
+        # Stable sort puts visible patches (False) first, each group in patch order.
+        ids_shuffle = torch.argsort(masks.to(torch.uint8), dim=1, stable=True)  # [K, L]
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        num_keep = self.num_patches - int(hidden_per_view[0])
+        tokens = self.embed_patches(imgs)  # [N, L, D], computed once for all views
+        tokens = tokens.repeat_interleave(num_views, dim=0)  # [N*K, L, D], view k of image i at i*K+k
+        ids_keep = ids_shuffle[:, :num_keep].repeat(n, 1)  # [N*K, L_vis]
+        latent = self.forward_encoder(tokens, ids_keep)
+        pred = self.forward_decoder(latent, ids_restore.repeat(n, 1))  # [N*K, L, P]
+        return pred.reshape(n, num_views, self.num_patches, -1)
+
+    def anomaly_forward(self, imgs: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel error of each patch from the view that hid it.
+
+        Returns error_maps [N, H, W] (squared error averaged over colour channels, not smoothed) and
+        reconstructions [N, C, H, W] (every patch taken from the view that hid it), both float32.
+        With norm_pix_loss the prediction is de-normalised with the target patch's mean and std.
+        """
+        pred = self.reconstruct_views(imgs, masks)  # [N, K, L, P]
+        view_of_patch = masks.to(torch.uint8).argmax(dim=0)  # [L], the view that hides each patch
+        pred = pred[:, view_of_patch, torch.arange(self.num_patches, device=pred.device)].float()  # [N, L, P]
+        target, mean, std = self.patch_targets(imgs)
+        pred = pred * std + mean
+        target = target * std + mean
+        error = self.unpatchify((pred - target) ** 2).mean(dim=1)  # [N, H, W]
+        return error, self.unpatchify(pred)
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class AnomalyOutput(NamedTuple):
+    scores: torch.Tensor  # [N], image anomaly scores
+    anomaly_maps: torch.Tensor  # [N, H, W], smoothed per-pixel error
+    reconstructions: torch.Tensor  # [N, C, H, W], in the model's (normalised) input space
+
+
+SCORE_METHODS = ("max", "topk")
+
+
+class AnomalyScorer(nn.Module):
+    """Scores images with a trained MAE: K deterministic views, smoothed per-pixel squared error.
+
+    The image score is the maximum of the smoothed map ('max'), or the mean of its top
+    `topk_fraction` pixels ('topk'), which is less sensitive to a single bright pixel.
+    """
+
+    def __init__(
+        self,
+        model: MaskedAutoencoderViT,
+        num_masks: int = 4,
+        mask_pattern: str = "stripes",
+        sigma: float = 4.0,
+        score: str = "max",
+        topk_fraction: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if score not in SCORE_METHODS:
+            raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_METHODS)}")
+        if not 0.0 < topk_fraction <= 1.0:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+        self.model = model
+        self.score = score
+        self.topk_fraction = topk_fraction
+        self.register_buffer("masks", make_inference_masks(model.grid_size, num_masks, mask_pattern), persistent=False)
+        self.smoothing = GaussianSmoothing(sigma)
+
+    def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
+        error, reconstructions = self.model.anomaly_forward(imgs, self.masks)
+        anomaly_maps = self.smoothing(error)
+        flat = anomaly_maps.flatten(1)  # [N, H*W]
+        if self.score == "max":
+            scores = flat.amax(dim=1)
+        else:
+            k = max(1, round(self.topk_fraction * flat.shape[1]))
+            scores = flat.topk(k, dim=1).values.mean(dim=1)
+        return AnomalyOutput(scores, anomaly_maps, reconstructions)
+
+
+# ---- factories: numbers only ------------------------------------------------------------------
+def mae_vit_tiny_patch7(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=7, embed_dim=192, depth=12, num_heads=3,
+                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, **kwargs)
+
+
+def mae_vit_small_patch7(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=7, embed_dim=384, depth=12, num_heads=6,
+                                decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, **kwargs)
+
+
+def mae_vit_base_patch7(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=7, embed_dim=768, depth=12, num_heads=12,
+                                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, **kwargs)
+
+
+def mae_vit_large_patch7(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=7, embed_dim=1024, depth=24, num_heads=16,
+                                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, **kwargs)
+
+
+def mae_vit_huge_patch7(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=7, embed_dim=1280, depth=32, num_heads=16,
+                                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, **kwargs)
+
+
+MODELS: dict[str, Callable[..., MaskedAutoencoderViT]] = {
+    "mae_vit_tiny_patch7": mae_vit_tiny_patch7,
+    "mae_vit_small_patch7": mae_vit_small_patch7,
+    "mae_vit_base_patch7": mae_vit_base_patch7,
+    "mae_vit_large_patch7": mae_vit_large_patch7,
+    "mae_vit_huge_patch7": mae_vit_huge_patch7,
+}
+
+
+def create_model(
+    name: str,
+    img_size: int = 224,
+    norm_pix_loss: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: tuple[str, ...] = ("qkv", "proj"),
+) -> MaskedAutoencoderViT:
+    """Build a registered model and put LoRA adapters on its attention linears (rank 0: none)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    model = MODELS[name](img_size=img_size, norm_pix_loss=norm_pix_loss)
+    if lora_rank > 0:
+        inject_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    return model
