@@ -1,0 +1,99 @@
+"""Tests of util/visualize.py: every picture is a readable PNG, written atomically."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from util.visualize import IMAGENET_MEAN, IMAGENET_STD, denormalize, save_overlay, save_roc, save_summary
+
+
+def _normalise(rgb: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def _check_png(path, min_wh=(150, 150), max_wh=(2000, 2000)):
+    assert path.exists()
+    assert not list(path.parent.glob("*.tmp.png")), "temporary file left behind"
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG"
+        w, h = im.size
+    assert min_wh[0] <= w <= max_wh[0] and min_wh[1] <= h <= max_wh[1], (w, h)
+
+
+def test_denormalize_round_trip():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    rgb[0, 0] = (0, 0, 0)
+    rgb[0, 1] = (255, 255, 255)
+    x = _normalise(rgb)
+    out = denormalize(x)
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    np.testing.assert_array_equal(out, rgb)
+    np.testing.assert_array_equal(denormalize(x.numpy()), rgb)
+    # values outside the image range are clipped, not wrapped
+    assert denormalize(torch.full((3, 2, 2), 100.0)).min() == 255
+    assert denormalize(torch.full((3, 2, 2), -100.0)).max() == 0
+    with pytest.raises(ValueError):
+        denormalize(torch.zeros(2, 4, 4))
+
+
+def test_save_overlay(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    amap = rng.random((64, 64)).astype(np.float32)
+    gt = np.zeros((64, 64), np.uint8)
+    gt[10:30, 20:40] = 1
+    path = tmp_path / "overlays" / "test" / "bad" / "crack_000.png"  # parents are created
+    out = save_overlay(path, _normalise(rgb), _normalise(rgb), torch.from_numpy(amap), 0.75,
+                       gt_mask=gt, vmax=2.0, title="test/bad/crack_000.png")
+    assert out == path
+    _check_png(path, min_wh=(400, 150), max_wh=(1200, 600))
+    # uint8 inputs, no mask, no reconstruction, a map of another size; overwrite in place
+    save_overlay(path, rgb, None, rng.random((16, 16)), 0.1)
+    _check_png(path, min_wh=(400, 150), max_wh=(1200, 600))
+    # an empty and a constant map are fine
+    save_overlay(tmp_path / "empty.png", rgb, rgb, np.zeros((64, 64)), 0.0, gt_mask=np.zeros((64, 64)))
+    _check_png(tmp_path / "empty.png", min_wh=(400, 150), max_wh=(1200, 600))
+
+
+def test_save_roc(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = rng.random(40) < 0.5
+    scores = rng.random(40) + labels
+    save_roc(tmp_path / "roc.png", scores, labels, auroc=0.9)
+    _check_png(tmp_path / "roc.png", max_wh=(800, 800))
+    save_roc(tmp_path / "roc2.png", scores, labels)  # AUROC computed
+    _check_png(tmp_path / "roc2.png", max_wh=(800, 800))
+    with pytest.raises(ValueError):
+        save_roc(tmp_path / "roc3.png", scores, np.ones(40))
+
+
+def _items(rng, n, labels):
+    return [dict(image=rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8),
+                 anomaly_map=rng.random((32, 32)), score=float(rng.random()), label=int(labels[i]),
+                 rel_path=f"test/{'good' if labels[i] == 0 else 'crack'}/{i:03d}.png")
+            for i in range(n)]
+
+
+def test_save_summary(tmp_path):
+    rng = np.random.default_rng(3)
+    items = _items(rng, 20, [i % 2 for i in range(20)])
+    save_summary(tmp_path / "summary.png", items)
+    _check_png(tmp_path / "summary.png", min_wh=(600, 200), max_wh=(2000, 1200))
+    # one group empty (only anomalous images), tuples instead of dicts
+    bad_only = [tuple(d[k] for k in ("image", "anomaly_map", "score", "label", "rel_path"))
+                for d in _items(rng, 3, [1, 1, 1])]
+    save_summary(tmp_path / "bad_only.png", bad_only)
+    _check_png(tmp_path / "bad_only.png", min_wh=(150, 100))
+    save_summary(tmp_path / "good_only.png", _items(rng, 2, [0, 0]))
+    _check_png(tmp_path / "good_only.png", min_wh=(150, 100))
+    save_summary(tmp_path / "none.png", [])  # nothing labelled at all
+    _check_png(tmp_path / "none.png", min_wh=(100, 100))
+
+
+def test_imagenet_constants_match_datasets():
+    datasets = pytest.importorskip("util.datasets")
+    assert tuple(IMAGENET_MEAN) == tuple(datasets.IMAGENET_MEAN)
+    assert tuple(IMAGENET_STD) == tuple(datasets.IMAGENET_STD)

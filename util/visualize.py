@@ -1,0 +1,227 @@
+"""Pictures for people: per-image overlays, the image ROC curve and a "failures first" summary grid.
+
+Uses matplotlib's object-oriented API on an Agg canvas (no pyplot): nothing here ever opens a window,
+touches the global backend or leaks figures, whatever backend the calling process uses. Every PNG is
+written atomically (a temporary file, then os.replace), so an interrupted run never leaves a
+half-written picture under the final name.
+"""
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# The ImageNet statistics the images are normalised with (the same values as
+# util.datasets.IMAGENET_MEAN / IMAGENET_STD; repeated so this module does not import the data code).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+HEATMAP_CMAP = "jet"
+HEATMAP_ALPHA = 0.5
+GT_COLOR = "lime"
+_DPI = 100
+
+PathLike = Union[str, os.PathLike]
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy view/copy of a numpy array or a (possibly GPU, possibly grad-tracking) torch tensor."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def denormalize(image: Any, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """Undo the ImageNet normalisation: [3, H, W] tensor/array -> uint8 [H, W, 3].
+
+    pixel = clip(x * std + mean, 0, 1) * 255, rounded to the nearest integer.
+    """
+    x = _to_numpy(image).astype(np.float32)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected a normalised [3, H, W] image, got shape {x.shape}")
+    x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    x = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)  # [3, H, W]
+    return np.ascontiguousarray(x.transpose(1, 2, 0))           # [H, W, 3]
+
+
+def _to_rgb(image: Any) -> np.ndarray:
+    """uint8 [H, W, 3] from either a uint8 [H, W, 3] picture or a normalised [3, H, W] image."""
+    x = _to_numpy(image)
+    if x.ndim == 3 and x.shape[-1] == 3 and x.dtype == np.uint8:
+        return x
+    if x.ndim == 3 and x.shape[0] == 3:
+        return denormalize(x)
+    raise ValueError(f"expected uint8 [H, W, 3] or normalised [3, H, W], got {x.dtype} {x.shape}")
+
+
+def _to_map(x: Any) -> np.ndarray:
+    """float32 [H, W] from [H, W] or [1, H, W]."""
+    m = _to_numpy(x).astype(np.float32)
+    while m.ndim > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise ValueError(f"expected an [H, W] map, got shape {m.shape}")
+    return m
+
+
+def _save_figure(fig: Figure, path: PathLike) -> Path:
+    """Render fig to path atomically (parent folders created); returns the final path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")  # matplotlib picks the format from the name or `format`
+    FigureCanvasAgg(fig)
+    try:
+        fig.savefig(tmp, format="png", dpi=_DPI)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _overlay_heatmap(ax, rgb: np.ndarray, amap: Optional[np.ndarray], vmin: float, vmax: float,
+                     gt_mask: Optional[np.ndarray] = None) -> None:
+    """Image, heatmap (stretched to the image when sizes differ) and the ground-truth outline."""
+    h, w = rgb.shape[:2]
+    ax.imshow(rgb, interpolation="nearest")
+    if amap is not None:
+        ax.imshow(amap, cmap=HEATMAP_CMAP, alpha=HEATMAP_ALPHA, vmin=vmin, vmax=vmax,
+                  extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+    if gt_mask is not None:
+        g = (_to_map(gt_mask) > 0.5).astype(np.float32)
+        if 0.0 < g.mean() < 1.0:  # an empty or full mask has no outline
+            gh, gw = g.shape
+            xs = (np.arange(gw) + 0.5) * w / gw - 0.5  # pixel centres in image coordinates
+            ys = (np.arange(gh) + 0.5) * h / gh - 0.5
+            ax.contour(xs, ys, g, levels=[0.5], colors=GT_COLOR, linewidths=1.0)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_axis_off()
+
+
+def _color_range(maps: Sequence[np.ndarray], vmax: Optional[float]) -> tuple[float, float]:
+    lo = min((float(m.min()) for m in maps), default=0.0)
+    vmin = min(0.0, lo)  # reconstruction errors are >= 0: anchor the scale at 0
+    if vmax is None:
+        vmax = max((float(m.max()) for m in maps), default=1.0)
+    return vmin, max(float(vmax), vmin + 1e-12)
+
+
+def save_overlay(path: PathLike, image: Any, reconstruction: Any, anomaly_map: Any, score: float,
+                 gt_mask: Any = None, vmax: Optional[float] = None,
+                 title: Optional[str] = None) -> Path:
+    """One PNG with three panels: input | reconstruction | heatmap on the input.
+
+    image, reconstruction: normalised [3, H, W] (tensor or array) or uint8 [H, W, 3];
+    reconstruction may be None (panel left blank). anomaly_map: [H, W] (stretched to the image if its
+    size differs). gt_mask: [H, W] (non-zero = anomalous) or None; drawn as a contour at 0.5.
+    vmax: top of the colour scale (pass one value for a whole run to make pictures comparable;
+    default: this map's maximum); the scale starts at 0 (or the map's minimum if negative).
+    The score (and title, e.g. the relative path) go in the figure title. ~0.1 s at 224 px.
+    """
+    rgb = _to_rgb(image)
+    amap = _to_map(anomaly_map)
+    vmin, vmax = _color_range([amap], vmax)
+    fig = Figure(figsize=(6.6, 2.5), dpi=_DPI)
+    axes = fig.subplots(1, 3)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.82, wspace=0.04)
+    axes[0].imshow(rgb, interpolation="nearest")
+    axes[0].set_title("input", fontsize=8)
+    if reconstruction is not None:
+        axes[1].imshow(_to_rgb(reconstruction), interpolation="nearest")
+    axes[1].set_title("reconstruction", fontsize=8)
+    _overlay_heatmap(axes[2], rgb, amap, vmin, vmax, gt_mask)
+    axes[2].set_title(f"anomaly map (0 - {vmax:.3g})" if vmin == 0 else
+                      f"anomaly map ({vmin:.3g} - {vmax:.3g})", fontsize=8)
+    for ax in axes[:2]:
+        ax.set_axis_off()
+    head = f"score {float(score):.4g}"
+    fig.suptitle(f"{title}   {head}" if title else head, fontsize=9)
+    return _save_figure(fig, path)
+
+
+def save_roc(path: PathLike, scores: Sequence[float], labels: Sequence[int],
+             auroc: Optional[float] = None) -> Path:
+    """Image-level ROC curve with its AUROC in the legend and the chance diagonal.
+
+    auroc: shown in the legend (computed from scores/labels when None).
+    Raises ValueError when only one class is present (the curve is undefined).
+    """
+    from util.metrics import auroc as _auroc, roc_curve
+
+    fpr, tpr, _ = roc_curve(scores, labels)
+    if auroc is None:
+        auroc = _auroc(scores, labels)
+    fig = Figure(figsize=(4.0, 4.0), dpi=_DPI)
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, color="tab:blue", lw=1.5, label=f"AUROC = {float(auroc):.4f}")
+    ax.plot([0, 1], [0, 1], color="gray", lw=1.0, ls="--", label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("image ROC", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.12, top=0.92)
+    return _save_figure(fig, path)
+
+
+_ITEM_KEYS = ("image", "anomaly_map", "score", "label", "rel_path")
+
+
+def _as_item(item: Any) -> dict:
+    if isinstance(item, dict):
+        return {k: item.get(k) for k in _ITEM_KEYS}
+    return dict(zip(_ITEM_KEYS, item))
+
+
+def _short(name: str, n: int = 26) -> str:
+    return name if len(name) <= n else "..." + name[-(n - 3):]
+
+
+def save_summary(path: PathLike, items: Sequence[Any], max_per_group: int = 8,
+                 vmax: Optional[float] = None) -> Path:
+    """Grid of the likely failures: the highest-scoring good images (row 1) and the lowest-scoring
+    anomalous images (row 2), up to max_per_group each, heatmaps on one shared colour scale.
+
+    items: dicts with keys image (uint8 [H, W, 3] or normalised [3, H, W]), anomaly_map ([H, W] or
+    None), score, label (0 good, 1 anomalous; other values are skipped), rel_path; or tuples in that
+    order. A group with no images is left out; with none at all the picture says so.
+    """
+    rows = []
+    entries = [_as_item(it) for it in items]
+    good = sorted((e for e in entries if e["label"] == 0), key=lambda e: -float(e["score"]))
+    bad = sorted((e for e in entries if e["label"] == 1), key=lambda e: float(e["score"]))
+    if good:
+        rows.append(("good, highest scores", good[:max_per_group]))
+    if bad:
+        rows.append(("anomalous, lowest scores", bad[:max_per_group]))
+    n_cols = max((len(r) for _, r in rows), default=1)
+    cell, title_h, head_h = 1.7, 0.35, 0.25  # inches: image cell, two-line cell titles, suptitle
+    height = (cell + title_h) * max(len(rows), 1) + head_h
+    fig = Figure(figsize=(cell * n_cols + 0.2, height), dpi=_DPI)
+    if not rows:
+        fig.text(0.5, 0.5, "no labelled images", ha="center", va="center")
+        return _save_figure(fig, path)
+    maps = {id(e): _to_map(e["anomaly_map"]) for _, r in rows for e in r
+            if e["anomaly_map"] is not None}
+    vmin, vmax = _color_range(list(maps.values()), vmax)
+    axes = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
+    fig.subplots_adjust(left=0.2 / (cell * n_cols + 0.2), right=0.99, bottom=0.01,
+                        top=1 - (head_h + title_h) / height, wspace=0.05, hspace=title_h / cell)
+    for r, (heading, group) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if c >= len(group):
+                continue
+            e = group[c]
+            _overlay_heatmap(ax, _to_rgb(e["image"]), maps.get(id(e)), vmin, vmax)
+            ax.set_title(f"{float(e['score']):.4g}\n{_short(str(e['rel_path'] or ''))}", fontsize=6)
+        axes[r, 0].text(-0.04, 0.5, heading, rotation=90, ha="right", va="center", fontsize=7,
+                        transform=axes[r, 0].transAxes)
+    fig.suptitle(f"failures first (heatmap scale {vmin:.3g} - {vmax:.3g})", fontsize=8)
+    return _save_figure(fig, path)
