@@ -41,6 +41,6 @@ def run_cli(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.
         if debug:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or "(no message)"
-        print(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
-              file=sys.stderr, flush=True)
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"error: {type(e).__name__}: {msg}{hint}", file=sys.stderr, flush=True)
         return 1

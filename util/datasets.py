@@ -1,0 +1,399 @@
+"""Reading MVTec-style category folders (raw and prepared layouts) into tensors.
+
+Layouts (see INTERFACE.md); both are read by the same rules:
+
+    <root>/train/good/<name>.<ext>                 normal training images
+    <root>/test/good/<name>.<ext>                  normal test images (label 0)
+    <root>/test/<folder>/<name>.<ext>              anomalous test images (label 1), any folder but good
+    <root>/ground_truth/<folder>/<stem>_mask.<ext> pixel masks, non-zero = anomalous (optional)
+
+Raw MVTec: <folder> is the defect name. Prepared (scripts/prepare_mvtec.py): <folder> is `bad` and the
+file is `<defect>_<name>`; the defect name is recovered from the stem by dropping the last
+`_<digits>` suffix (`faulty_imprint_003` -> `faulty_imprint`), and is `bad` when the stem has no such
+suffix. Defect names may contain '_', so splitting at the first '_' would be wrong.
+
+Images are decoded once, when a dataset is built, and kept in memory as uint8 tensors: training runs
+for thousands of epochs over a few hundred images, and decoding PNGs every epoch would dominate.
+Hidden files (names starting with '.', e.g. macOS `._000.png`) are never images.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from util.cli import UserError, warn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+TRAIN_RESIZE_FACTOR = 1.045  # train images are stored this much larger, then randomly cropped
+_PROGRESS_MIN = 50  # show a progress bar when decoding more images than this
+
+PathLike = Union[str, Path]
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be decoded as an image (zero bytes, truncated, not an image)."""
+
+
+def is_image_file(path: PathLike) -> bool:
+    p = Path(path)
+    return p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()  # force the full decode: Image.open only reads the header
+        return img
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UnreadableImage(f"{path}: cannot read image ({reason})") from e
+
+
+def _to_uint8_gray(img: Image.Image) -> np.ndarray:
+    """Integer/float single-channel modes ('I;16*', 'I', 'F') -> uint8, scaled by their range."""
+    a = np.asarray(img)
+    if a.dtype == np.uint8:
+        return a
+    a = a.astype(np.float64)
+    if img.mode.startswith("I;16"):
+        scale = 65535.0
+    elif img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
+        scale = 1.0  # float images in [0, 1]
+    else:
+        # 'I' (Pillow opens some 16-bit files as 32-bit 'I'): use the smallest usual range that
+        # holds the data, so a 16-bit image is value/257 and an 8-bit one stays as it is.
+        hi = float(np.nanmax(a)) if a.size else 0.0
+        scale = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else hi
+    a = np.nan_to_num(a / scale * 255.0)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _composite_on_black(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert("RGB")
+
+
+def load_rgb(path: PathLike) -> Image.Image:
+    """Decode an image fully and return it in RGB mode.
+
+    Grayscale is replicated, transparent images are composited on black, palette/CMYK/other modes
+    converted, 16-bit images scaled to 8 bit (value/257). EXIF orientation is not applied: masks
+    are drawn on the stored pixel grid. Raises UnreadableImage naming the path.
+    """
+    path = Path(path)
+    img = _open_decoded(path)
+    try:
+        mode = img.mode
+        if mode == "RGB":
+            return img
+        if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in img.info):
+            return _composite_on_black(img)
+        if mode.startswith("I") or mode == "F":
+            return Image.fromarray(_to_uint8_gray(img)).convert("RGB")
+        return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    except Exception as e:
+        raise UnreadableImage(f"{path}: cannot convert image of mode {img.mode} to RGB ({e})") from e
+
+
+def load_mask(path: PathLike) -> np.ndarray:
+    """Decode a mask: bool array [H, W], True where any channel is non-zero (alpha ignored)."""
+    path = Path(path)
+    img = _open_decoded(path)
+    if img.mode in ("1", "L") or img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img)
+    else:
+        a = np.asarray(img.convert("RGB")).max(axis=2)
+    return np.asarray(a > 0)
+
+
+def list_images(folder: PathLike) -> List[Path]:
+    """Image files directly in `folder` (not recursive), sorted by name; [] if it is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _list_images_recursive(folder: Path) -> List[Path]:
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file() and is_image_file(p):
+            out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+_DIGIT_SUFFIX = re.compile(r"^(.+)_\d+$")
+
+
+def defect_from_prepared_stem(stem: str) -> str:
+    """'faulty_imprint_003' -> 'faulty_imprint'; 'bad' when the stem has no '_<digits>' suffix."""
+    m = _DIGIT_SUFFIX.match(stem)
+    return m.group(1) if m else "bad"
+
+
+@dataclass
+class TestItem:
+    __test__ = False  # not a pytest test class despite the name
+
+    path: Path  # absolute
+    rel_path: str  # relative to the category root (or the --images folder), posix separators
+    label: int  # 0 good, 1 anomalous, -1 unknown
+    defect: str  # 'good', the defect name, or '' when unknown
+    mask_path: Optional[Path] = None
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether a pixel ground truth exists: good images (all-zero) or a mask file."""
+        return self.label == 0 or (self.label == 1 and self.mask_path is not None)
+
+
+def _mask_index(folder: Path) -> Dict[str, Path]:
+    """Map image stem -> mask file for `<stem>_mask.<ext>` files in `folder` (.png preferred)."""
+    index: Dict[str, Path] = {}
+    for p in list_images(folder):
+        if not p.stem.endswith("_mask"):
+            continue
+        key = p.stem[: -len("_mask")]
+        if key not in index or (p.suffix.lower() == ".png" and index[key].suffix.lower() != ".png"):
+            index[key] = p
+    return index
+
+
+def find_test_items(root: PathLike, split: str = "test") -> List[TestItem]:
+    """All images under root/split/<folder>/, labelled by folder ('good' = 0, others = 1)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data path {root} does not exist or is not a folder; pass a category "
+                        f"folder that holds {split}/good and {split}/<defect> sub-folders")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"data path {root} has no '{split}' folder; expected {split_dir}/good "
+                        f"and {split_dir}/<defect> (the raw or prepared MVTec layout)")
+    root_abs = root.absolute()
+    items: List[TestItem] = []
+    subs = [p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    # good first, then defect folders by name: the raw and prepared layouts list the same order
+    for sub in sorted(subs, key=lambda p: (p.name != "good", p.name)):
+        images = list_images(sub)
+        if sub.name == "good":
+            masks: Dict[str, Path] = {}
+        else:
+            masks = _mask_index(root / "ground_truth" / sub.name)
+        for p in images:
+            if sub.name == "good":
+                label, defect = 0, "good"
+            else:
+                label = 1
+                defect = defect_from_prepared_stem(p.stem) if sub.name == "bad" else sub.name
+            items.append(TestItem(path=root_abs / split / sub.name / p.name,
+                                  rel_path=f"{split}/{sub.name}/{p.name}", label=label,
+                                  defect=defect, mask_path=masks.get(p.stem)))
+    if not items:
+        raise UserError(f"no test images found in {split_dir}/<good|defect>/ (extensions: "
+                        f"{', '.join(IMG_EXTENSIONS)})")
+    return items
+
+
+def unlabelled_items(path: PathLike) -> List[TestItem]:
+    """Items for `--images PATH`: one image file, or every image under a folder (recursive)."""
+    path = Path(path)
+    if path.is_file():
+        if not is_image_file(path):
+            raise UserError(f"--images {path}: not an image file (extensions: "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+        return [TestItem(path=path.absolute(), rel_path=path.name, label=-1, defect="")]
+    if not path.is_dir():
+        raise UserError(f"--images {path} does not exist; pass an image file or a folder of images")
+    files = _list_images_recursive(path)
+    if not files:
+        raise UserError(f"--images {path}: no images found (searched recursively for "
+                        f"{', '.join(IMG_EXTENSIONS)})")
+    base = path.absolute()
+    return [TestItem(path=base / p.relative_to(path), rel_path=p.relative_to(path).as_posix(),
+                     label=-1, defect="") for p in files]
+
+
+def _progress(seq: Sequence, desc: str):
+    if len(seq) <= _PROGRESS_MIN:
+        return seq
+    from tqdm import tqdm
+    return tqdm(seq, desc=desc, leave=False)
+
+
+def _decode_resized(path: Path, size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """-> (uint8 tensor [3, size, size], original (width, height)); raises UnreadableImage."""
+    img = load_rgb(path)
+    orig = img.size
+    img = img.resize((size, size), Image.Resampling.BICUBIC)  # non-square images are squashed
+    arr = np.asarray(img, dtype=np.uint8)  # [S, S, 3]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), orig
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """Bool mask [H, W] -> float32 {0, 1} tensor [size, size] by area averaging, then > 0.5.
+
+    When the threshold empties a non-empty mask (a defect thinner than the downscale factor, e.g. a
+    1-px crack in a 1024-px mask resized to 224) the mask is thresholded at > 0 instead, so that a
+    defect never vanishes from the pixel ground truth.
+    """
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]  # [1, 1, H, W]
+    area = F.interpolate(m, size=(size, size), mode="area")[0, 0]  # [S, S]
+    out = area > 0.5
+    if not bool(out.any()) and bool(m.any()):
+        out = area > 0
+    return out.to(torch.float32)
+
+
+def _normalise(img_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (img_u8.to(torch.float32) / 255.0 - mean) / std
+
+
+def _mean_std() -> Tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1))
+
+
+def _warn_skipped(skipped: List[Path], where: str) -> None:
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable image(s) in {where}")
+
+
+class TrainDataset(Dataset):
+    """Normal training images of root/train/good, decoded once and kept as uint8 in memory.
+
+    Items are float tensors [3, input_size, input_size] normalised with the ImageNet mean/std.
+    With `jitter`, images are stored at round(input_size * 1.045) and randomly cropped (torch RNG,
+    so torch.manual_seed and DataLoader worker seeding apply); without it they are stored at
+    input_size and returned unchanged.
+    """
+
+    def __init__(self, root: PathLike, input_size: int, jitter: bool = True):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"data path {root} does not exist; pass --data_path pointing to a "
+                            f"category folder with train/good/ inside")
+        folder = root / "train" / "good"
+        if not folder.is_dir():
+            raise UserError(f"data path {root} has no train/good folder; expected normal training "
+                            f"images in {folder} (the raw or prepared MVTec layout)")
+        files = list_images(folder)
+        if not files:
+            raise UserError(f"no training images in {folder} (extensions: "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+        self.input_size = int(input_size)
+        self.jitter = bool(jitter)
+        self.stored_size = round(self.input_size * TRAIN_RESIZE_FACTOR) if jitter else self.input_size
+        self.paths: List[Path] = []
+        self.skipped: List[Path] = []
+        images = torch.empty((len(files), 3, self.stored_size, self.stored_size), dtype=torch.uint8)
+        for p in _progress(files, "decoding train images"):
+            try:
+                images[len(self.paths)], _ = _decode_resized(p, self.stored_size)
+            except UnreadableImage as e:
+                warn(f"skipping {e}")
+                self.skipped.append(p)
+                continue
+            self.paths.append(p)
+        _warn_skipped(self.skipped, str(folder))
+        if not self.paths:
+            raise UserError(f"none of the {len(files)} images in {folder} could be read")
+        self.images = images[: len(self.paths)].clone() if self.skipped else images  # [N, 3, S', S']
+        self._mean, self._std = _mean_std()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = self.images[i]  # [3, S', S'] uint8
+        if self.jitter and self.stored_size > self.input_size:
+            room = self.stored_size - self.input_size + 1
+            top = int(torch.randint(room, (1,)))
+            left = int(torch.randint(room, (1,)))
+            img = img[:, top:top + self.input_size, left:left + self.input_size]
+        return _normalise(img, self._mean, self._std)  # [3, S, S]
+
+
+class TestDataset(Dataset):
+    """Test (or unlabelled) images with masks, decoded and validated once at construction.
+
+    Unreadable images are dropped with a warning naming each (`skipped`); `items` holds the ones
+    kept, in order. An unreadable mask counts as a missing mask. Each item is a dict:
+    image [3, S, S] float (normalised), label int (-1 unknown), mask [S, S] float32 0/1,
+    has_mask bool, defect str, rel_path str, index int (into `items`). The default collate works.
+    """
+    __test__ = False
+
+    def __init__(self, items: Sequence[TestItem], input_size: int):
+        if not items:
+            raise UserError("no test images to read (empty item list)")
+        self.input_size = int(input_size)
+        s = self.input_size
+        self.items: List[TestItem] = []
+        self.skipped: List[Path] = []
+        images = torch.empty((len(items), 3, s, s), dtype=torch.uint8)
+        masks = torch.zeros((len(items), s, s), dtype=torch.bool)
+        has_mask: List[bool] = []
+        missing = 0
+        for item in _progress(items, "decoding test images"):
+            try:
+                img, (w, h) = _decode_resized(item.path, s)
+            except UnreadableImage as e:
+                warn(f"skipping {e}")
+                self.skipped.append(item.path)
+                continue
+            n = len(self.items)
+            images[n] = img
+            ok = item.has_mask
+            if item.label == 1 and item.mask_path is not None:
+                try:
+                    m = load_mask(item.mask_path)
+                    if m.shape != (h, w):
+                        # Both are squashed to S x S below, which maps the mask onto the image grid.
+                        warn(f"mask {item.mask_path} is {m.shape[1]}x{m.shape[0]} but its image "
+                             f"{item.path.name} is {w}x{h}; resizing the mask to the image")
+                    masks[n] = resize_mask(m, s).bool()
+                except UnreadableImage as e:
+                    warn(f"ignoring mask: {e}")
+                    ok = False
+            if item.label == 1 and not ok:
+                missing += 1
+            has_mask.append(ok)
+            self.items.append(item)
+        _warn_skipped(self.skipped, "the test images")
+        if not self.items:
+            raise UserError(f"none of the {len(items)} test images could be read")
+        if missing:
+            warn(f"{missing} anomalous image(s) have no ground-truth mask; pixel metrics skip them")
+        n = len(self.items)
+        self.images = images[:n].clone() if n < len(items) else images  # [N, 3, S, S] uint8
+        self.masks = masks[:n].clone() if n < len(items) else masks  # [N, S, S] bool
+        self.has_mask = has_mask
+        self._mean, self._std = _mean_std()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        return {
+            "image": _normalise(self.images[i], self._mean, self._std),  # [3, S, S]
+            "label": int(item.label),
+            "mask": self.masks[i].to(torch.float32),  # [S, S]
+            "has_mask": bool(self.has_mask[i]),
+            "defect": item.defect,
+            "rel_path": item.rel_path,
+            "index": int(i),
+        }
