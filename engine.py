@@ -1,2 +1,288 @@
 """The loops: one training epoch (`train_one_epoch`) and batched anomaly scoring (`run_inference`,
 `evaluate`). They take named values, never the command line's `args`."""
+import contextlib
+import time
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from util import distributed as dist_util
+from util.cli import UserError
+from util.logger import Progress
+from util.lr_sched import lr_at, set_lr
+from util.metrics import compute_metrics
+from util.misc import autocast
+
+
+# ---- training ---------------------------------------------------------------------------------
+def _accumulation_groups(num_steps: int, accum_iter: int) -> list[int]:
+    """For each step of an epoch, the size of its gradient-accumulation group.
+
+    Groups are accum_iter steps long; the last one takes whatever is left, so a partial group still
+    makes one optimizer step on the mean of its losses instead of being dropped.
+    """
+    return [min(accum_iter, num_steps - (i // accum_iter) * accum_iter) for i in range(num_steps)]
+
+
+def _sync_stats(loss_sum: torch.Tensor, count: int, first_bad: torch.Tensor) -> tuple[float, int]:
+    """Mean loss over every rank's steps so far and the first non-finite step (-1: none).
+
+    The only host syncs of the loop: called every print_freq steps and at the end of the epoch, on
+    every rank at the same step, so a divergence seen by any rank stops all of them together.
+    """
+    totals = dist_util.all_reduce_(torch.stack([loss_sum.double(), torch.tensor(float(count), device=loss_sum.device,
+                                                                          dtype=torch.float64)]))
+    bad = dist_util.all_reduce_(first_bad.clone(), op="min")
+    total_loss, total_count = totals.tolist()
+    bad_step = int(bad.item())
+    return total_loss / max(total_count, 1.0), (-1 if bad_step == _NO_BAD_STEP else bad_step)
+
+
+_NO_BAD_STEP = 2**62
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    epochs: int,
+    base_lr: float,
+    min_lr: float,
+    warmup_epochs: float,
+    mask_ratio: float,
+    accum_iter: int = 1,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    print_freq: int = 20,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """One epoch of MAE training; returns {'train_loss', 'lr', 'images_per_s', 'steps'}.
+
+    `model` may be wrapped (DDP, torch.compile); it is called as model(imgs, mask_ratio=...) and must
+    return (loss, pred, mask). The learning rate follows `lr_at` per iteration (updated at the start
+    of each accumulation group). With accum_iter > 1 gradients of accum_iter steps are summed
+    (each loss divided by its group size) and DDP skips the all-reduce on the steps in between.
+    `scaler` (fp16 only) scales the loss; None steps the optimizer directly.
+    A non-finite loss raises UserError(exit_code=1) naming the epoch and step; it is detected on
+    the device and checked at the print points, so the loop has no per-step host sync.
+    """
+    model.train(True)
+    num_steps = len(loader)
+    if num_steps == 0:
+        raise UserError("the training loader yields no batch: fewer images than --batch_size per process?")
+    groups = _accumulation_groups(num_steps, accum_iter)
+    world_size = max(1, torch.distributed.get_world_size() if dist_util.is_initialized() else 1)
+    progress = Progress(epoch, epochs, num_steps, enabled=show_progress)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), _NO_BAD_STEP, device=device, dtype=torch.int64)
+    lr = optimizer.param_groups[0]["lr"]
+    images = 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        group_start = 0
+        for step, imgs in enumerate(loader):
+            if step == group_start:  # first step of an accumulation group: set this group's lr
+                lr = lr_at(epoch + step / num_steps, base_lr, min_lr, warmup_epochs, epochs)
+                set_lr(optimizer, lr)
+            group_size = groups[step]
+            is_update = step + 1 == group_start + group_size
+            imgs = imgs.to(device, non_blocking=True)
+            # DDP: all-reduce gradients only on the step that updates the weights.
+            sync = contextlib.nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(device, amp_dtype):
+                    loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+                loss_value = loss.detach().float()
+                loss_sum += loss_value
+                first_bad = torch.where(torch.isfinite(loss_value) | (first_bad != _NO_BAD_STEP), first_bad,
+                                        torch.full_like(first_bad, step))
+                loss = loss / group_size
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if is_update:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                group_start = step + 1
+            images += imgs.shape[0]
+            progress.step()
+            done = step + 1
+            if done % print_freq == 0 or done == num_steps:
+                mean_loss, bad_step = _sync_stats(loss_sum, done, first_bad)
+                if bad_step >= 0:
+                    raise UserError(f"training diverged: non-finite loss at epoch {epoch}, step {bad_step} "
+                                    f"(of {num_steps}); try a lower --blr/--lr, more --warmup_epochs or --amp none. "
+                                    f"checkpoint-last.pth still holds the last good epoch", exit_code=1)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                progress.report(done, mean_loss, lr, images * world_size / elapsed)
+    finally:
+        progress.close()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return {"train_loss": mean_loss, "lr": lr, "images_per_s": images * world_size / elapsed, "steps": num_steps}
+
+
+# ---- inference --------------------------------------------------------------------------------
+MASK_THRESHOLD = 0.5  # TestDataset masks are 0/1 floats; a pixel above this is anomalous
+
+
+class InferenceBatch(NamedTuple):
+    """The results of one batch, on the CPU."""
+    scores: torch.Tensor  # [B] float32
+    anomaly_maps: torch.Tensor  # [B, H, W] float32, smoothed
+    reconstructions: Optional[torch.Tensor]  # [B, 3, H, W] float32 (normalised input space), or None
+    meta: dict[str, Any]  # the loader's batch as it came: image, label, mask, has_mask, defect, rel_path, index
+
+
+def run_inference(
+    scorer: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    with_reconstructions: bool = True,
+) -> Iterator[InferenceBatch]:
+    """Score every batch of `loader` (TestDataset dicts) and yield its results on the CPU.
+
+    `scorer` (an AnomalyScorer) must already be on `device` and in the mode the caller wants: this
+    generator changes no module state (`evaluate` switches to eval mode). Each batch makes exactly
+    one device->host copy: scores, maps and (optionally) reconstructions are packed into one float32
+    tensor on the device and split on the CPU, so there is no per-image sync. Inference mode is
+    entered per batch and never held across a `yield`, so the caller's code runs outside it.
+    """
+    for batch in loader:
+        imgs = batch["image"].to(device, non_blocking=True)  # [B, 3, S, S]
+        with torch.inference_mode():
+            with autocast(device, amp_dtype):
+                out = scorer(imgs)
+            n, h, w = out.anomaly_maps.shape
+            parts = [out.scores.float().reshape(n, 1), out.anomaly_maps.float().reshape(n, h * w)]
+            if with_reconstructions:
+                parts.append(out.reconstructions.float().reshape(n, -1))
+            packed = torch.cat(parts, dim=1).cpu()  # [B, 1 + H*W (+ 3*H*W)], the one transfer
+        scores = packed[:, 0].contiguous()
+        maps = packed[:, 1:1 + h * w].reshape(n, h, w).contiguous()
+        recon = packed[:, 1 + h * w:].reshape(n, -1, h, w).contiguous() if with_reconstructions else None
+        yield InferenceBatch(scores, maps, recon, batch)
+
+
+class ScoreCollector:
+    """Scores, labels, defect names and (optionally) maps and masks of a whole pass.
+
+    Arrays are preallocated for `capacity` images when the first batch shows the map size, filled
+    batch by batch and read back trimmed to the images seen; maps stay float32 ([N, H, W], 4 bytes
+    a pixel), masks bool.
+    """
+
+    def __init__(self, capacity: int, keep_maps: bool = True) -> None:
+        self.capacity = int(capacity)
+        self.keep_maps = keep_maps
+        self.count = 0
+        self._scores = np.empty(self.capacity, dtype=np.float32)
+        self._labels = np.empty(self.capacity, dtype=np.int64)
+        self._has_mask = np.empty(self.capacity, dtype=bool)
+        self._indices = np.empty(self.capacity, dtype=np.int64)
+        self.defects: list[str] = []
+        self.rel_paths: list[str] = []
+        self._maps: Optional[np.ndarray] = None  # [capacity, H, W] float32
+        self._masks: Optional[np.ndarray] = None  # [capacity, H, W] bool
+
+    def add(self, result: InferenceBatch) -> None:
+        n = result.scores.shape[0]
+        lo, hi = self.count, self.count + n
+        if hi > self.capacity:
+            raise ValueError(f"more images than the {self.capacity} this collector was made for")
+        meta = result.meta
+        if self.keep_maps and self._maps is None:
+            shape = (self.capacity, *result.anomaly_maps.shape[1:])
+            self._maps = np.empty(shape, dtype=np.float32)
+            self._masks = np.zeros(shape, dtype=bool)
+        self._scores[lo:hi] = result.scores.numpy()
+        self._labels[lo:hi] = np.asarray(meta["label"], dtype=np.int64)
+        self._has_mask[lo:hi] = np.asarray(meta["has_mask"], dtype=bool)
+        self._indices[lo:hi] = np.asarray(meta["index"], dtype=np.int64)
+        self.defects.extend(str(d) for d in meta["defect"])
+        self.rel_paths.extend(str(p) for p in meta["rel_path"])
+        if self.keep_maps:
+            self._maps[lo:hi] = result.anomaly_maps.numpy()
+            self._masks[lo:hi] = np.asarray(meta["mask"]) > MASK_THRESHOLD
+        self.count = hi
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self._scores[:self.count]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels[:self.count]
+
+    @property
+    def has_mask(self) -> np.ndarray:
+        return self._has_mask[:self.count]
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Each image's index in the dataset (TestDataset's `index`)."""
+        return self._indices[:self.count]
+
+    @property
+    def maps(self) -> Optional[np.ndarray]:
+        return None if self._maps is None else self._maps[:self.count]
+
+    @property
+    def masks(self) -> Optional[np.ndarray]:
+        return None if self._masks is None else self._masks[:self.count]
+
+    @property
+    def labelled(self) -> bool:
+        return self.count > 0 and bool((self.labels >= 0).all())
+
+    def metrics(self, anomaly_maps: Optional[np.ndarray] = None, masks: Optional[np.ndarray] = None) -> dict[str, Any]:
+        """`compute_metrics` of what was collected; maps/masks default to the collected ones
+        (pass others, e.g. at full resolution, to evaluate those instead)."""
+        if not self.labelled:
+            raise ValueError("metrics need labelled images (label 0 or 1); got unknown labels")
+        maps = self.maps if anomaly_maps is None else anomaly_maps
+        gts = self.masks if masks is None else masks
+        return compute_metrics(self.scores, self.labels, self.defects, anomaly_maps=maps, masks=gts,
+                               has_mask=self.has_mask)
+
+
+def _dataset_size(loader: Iterable) -> int:
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise TypeError("evaluate needs a DataLoader (its .dataset gives the number of images)")
+    return len(dataset)
+
+
+def evaluate(
+    scorer: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict[str, Any]:
+    """Score a labelled test loader and return `compute_metrics`' dict (pixel metrics at map size).
+
+    Puts the scorer (and the model inside it) in eval mode for the pass and restores every
+    submodule's previous mode afterwards, so training can call it mid-run. Maps are kept in one
+    preallocated float32 array; reconstructions are not transferred.
+    """
+    modes = {m: m.training for m in scorer.modules()}
+    scorer.eval()
+    try:
+        collector = ScoreCollector(_dataset_size(loader))
+        for result in run_inference(scorer, loader, device, amp_dtype, with_reconstructions=False):
+            collector.add(result)
+        return collector.metrics()
+    finally:
+        for module, mode in modes.items():
+            module.training = mode

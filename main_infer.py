@@ -1,0 +1,461 @@
+"""Anomaly maps, image scores, metrics and pictures from a trained MAE-AD checkpoint.
+
+    python main_infer.py --checkpoint CKPT --data_path ROOT --output_dir OUT    # labelled test split
+    python main_infer.py --checkpoint CKPT --images PATH --output_dir OUT       # a folder or one image
+
+The checkpoint alone rebuilds the model (its `args` hold the architecture); LoRA adapters are merged
+into the base weights once, before scoring. Outputs (see INTERFACE.md): anomaly_maps/*.npy,
+overlays/*.png, scores.csv, metrics.json + roc.png + summary.png (labelled data), args.json.
+Nothing already in OUT is deleted; only the files listed above are (over)written.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from engine import ScoreCollector, run_inference
+from lora_utils import import_adapter, is_lora_name, merge_lora
+from models_mae import MODELS, SCORE_METHODS, AnomalyScorer, MaskedAutoencoderViT, create_model
+from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
+from util.cli import UserError, run_cli, warn
+from util.datasets import TestDataset, TestItem, find_test_items, load_mask, unlabelled_items
+from util.masks import MASK_PATTERNS
+from util.metrics import format_metrics_table
+from util.misc import AMP_CHOICES, resolve_amp, resolve_device
+from util.visualize import denormalize, save_overlay, save_roc, save_summary
+
+EVAL_SIZES = ("input", "full")
+# Overlays share one colour scale: this percentile of all map values (of the whole run). The maximum
+# would let one very bright image wash out every other heatmap.
+VMAX_PERCENTILE = 99.9
+_VMAX_SAMPLE = 4_000_000  # map values the percentile is estimated from (a regular sub-grid)
+SUMMARY_PER_GROUP = 8
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "MAE-AD inference",
+        description="Score images with a trained MAE-AD checkpoint: anomaly maps (.npy), overlays, "
+                    "scores.csv, and metrics.json / roc.png / summary.png for a labelled test split.",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="checkpoint written by main_train.py (checkpoint-<epoch>.pth, checkpoint-last.pth) "
+                             "or an adapter file {'adapter', 'args'}; its options rebuild the model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_path", metavar="ROOT",
+                        help="category root (raw or prepared MVTec layout): scores ROOT/<split>/<good|defect>/ "
+                             "and computes metrics; masks from ROOT/ground_truth/ when present")
+    source.add_argument("--images", metavar="PATH",
+                        help="a folder (searched recursively) or one image file, without labels: maps, "
+                             "overlays and scores.csv, no metrics")
+    parser.add_argument("--output_dir", required=True, metavar="OUT",
+                        help="folder for the outputs (created; existing files other than ours are left alone)")
+    parser.add_argument("--split", default="test",
+                        help="sub-folder of --data_path to score (default: test)")
+    parser.add_argument("--num_masks", type=int, default=4,
+                        help="number of deterministic views; each hides 1/num_masks of the patches and "
+                             "together they hide every patch once (default: 4)")
+    parser.add_argument("--mask_pattern", default="stripes", choices=MASK_PATTERNS,
+                        help="how the views split the patch grid: stripes (columns, the original choice), "
+                             "grid (needs a square num_masks), checkerboard (num_masks 2) (default: stripes)")
+    parser.add_argument("--sigma", type=float, default=4.0,
+                        help="std of the Gaussian that smooths the maps, in pixels; 0 = no smoothing (default: 4)")
+    parser.add_argument("--score", default="max", choices=SCORE_METHODS,
+                        help="image score: max of the map, or topk = mean of its top --topk_fraction pixels "
+                             "(default: max)")
+    parser.add_argument("--topk_fraction", type=float, default=0.01,
+                        help="fraction of pixels averaged by --score topk, in (0, 1] (default: 0.01)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="images per forward pass; each becomes num_masks sequences (default: 8)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                        help="mixed precision: auto = bf16 where it is fast (recent GPUs, AVX-512-BF16/AMX "
+                             "CPUs), else fp32; fp16 needs a GPU; none = fp32 (default: auto)")
+    parser.add_argument("--num_workers", type=int, default=2,
+                        help="DataLoader worker processes (images are decoded once, up front) (default: 2)")
+    parser.add_argument("--no_overlays", action="store_true",
+                        help="skip overlays/*.png (the slowest output; also saves the memory that holds "
+                             "reconstructions until the colour scale is known)")
+    parser.add_argument("--eval_size", default="input", choices=EVAL_SIZES,
+                        help="resolution of the pixel metrics: input = maps and masks at the model's input "
+                             "size; full = maps upsampled (bilinear) to each mask's own resolution, masks "
+                             "at native size (slower, more memory) (default: input)")
+    parser.add_argument("--pretrained", metavar="PATH",
+                        help="base weights for an adapter-file checkpoint (default: the 'pretrained' "
+                             "option stored in the adapter file)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback on errors")
+    return parser
+
+
+# ---- model ------------------------------------------------------------------------------------
+def _matching_variant(state: dict[str, torch.Tensor], img_size: int) -> Optional[str]:
+    """The registered model whose (non-LoRA) tensor shapes match `state`, built on the meta device."""
+    for name, factory in MODELS.items():
+        with torch.device("meta"):
+            own = factory(img_size=img_size).state_dict()
+        keys = [k for k in state if not is_lora_name(k)]
+        if keys and all(k in own and own[k].shape == state[k].shape for k in keys):
+            return name
+    return None
+
+
+def _load_full_checkpoint(model: MaskedAutoencoderViT, state: dict[str, torch.Tensor], path: str,
+                          name: str, img_size: int) -> None:
+    """load_state_dict(strict=True), with a one-line explanation when the tensors do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        model.load_state_dict(state, strict=True)
+        return
+    base_ok = not any(not is_lora_name(k) for k in missing + unexpected + mismatched)
+    if base_ok:  # only the LoRA tensors differ: same variant, another adapter configuration
+        raise UserError(f"{path}: its LoRA tensors do not fit the LoRA options stored with it "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} of "
+                        f"another shape); the checkpoint is inconsistent")
+    variant = _matching_variant(state, img_size)
+    found = variant or f"weights with {_describe(state)}"
+    raise UserError(f"{path} holds {found}, but its options say {name} ({_describe(own)}) at "
+                    f"{img_size} px: another model variant; the file is inconsistent or was edited")
+
+
+def _load_adapter_checkpoint(model: MaskedAutoencoderViT, checkpoint: dict[str, Any], path: str,
+                             train_args: dict[str, Any], pretrained: Optional[str]) -> None:
+    """Base weights from --pretrained (or the adapter's own options), then the adapter tensors."""
+    adapter = checkpoint["adapter"]
+    if not isinstance(adapter, dict) or not all(isinstance(v, torch.Tensor) for v in adapter.values()):
+        raise UserError(f"{path}: its 'adapter' entry is not a dict of tensors")
+    base = pretrained or train_args.get("pretrained")
+    if not base:
+        raise UserError(f"{path} is an adapter file and names no base weights; pass --pretrained PATH "
+                        f"(the weights it was trained on)")
+    if not Path(base).is_file():
+        origin = "--pretrained" if pretrained else "the adapter's training options"
+        raise UserError(f"{path} is an adapter file; its base weights {base} (from {origin}) do not "
+                        f"exist; pass --pretrained PATH")
+    report = load_pretrained(model, base, patch_embed_init=train_args.get("patch_embed_init", "random"),
+                             verbose=False)
+    try:
+        import_adapter(model, adapter)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from e
+    untrained = [k for k in report.missing if k not in adapter]
+    if untrained:
+        warn(f"{len(untrained)} tensors are in neither {base} nor the adapter and keep their random "
+             f"initialisation (e.g. {untrained[0]})")
+
+
+def build_model(checkpoint_path: str, pretrained: Optional[str] = None) -> tuple[MaskedAutoencoderViT, dict[str, Any]]:
+    """Rebuild the trained model from a checkpoint: LoRA merged, eval mode, no gradients.
+
+    Returns (model on the CPU, the checkpoint's training options).
+    """
+    path = str(checkpoint_path)
+    checkpoint = read_checkpoint(path)
+    train_args = checkpoint.get("args")
+    if not isinstance(train_args, dict):
+        if "adapter" in checkpoint or "model" in checkpoint or all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise UserError(f"{path} holds model weights but no training options ('args'): that's pretrained "
+                            f"weights (e.g. an official MAE file), not a trained MAE-AD checkpoint; give it to "
+                            f"main_train.py --pretrained and score the checkpoint-*.pth that writes")
+        raise UserError(f"{path} is not an MAE-AD checkpoint: expected keys 'model' and 'args' "
+                        f"(main_train.py) or 'adapter' and 'args', found {sorted(map(str, checkpoint))[:6]}")
+    kwargs = model_kwargs_from_args(train_args)
+    try:
+        model = create_model(**kwargs)
+    except ValueError as e:
+        raise UserError(f"{path}: cannot rebuild its model: {e}") from e
+    if "adapter" in checkpoint:
+        _load_adapter_checkpoint(model, checkpoint, path, train_args, pretrained)
+    else:
+        _load_full_checkpoint(model, state_dict_of(checkpoint, path), path, kwargs["name"], kwargs["img_size"])
+    merge_lora(model)  # fold the adapters into the base weights once: plain linears from here on
+    model.eval()
+    model.requires_grad_(False)
+    return model, train_args
+
+
+def build_scorer(model: MaskedAutoencoderViT, num_masks: int, mask_pattern: str, sigma: float,
+                 score: str, topk_fraction: float) -> AnomalyScorer:
+    try:
+        scorer = AnomalyScorer(model, num_masks=num_masks, mask_pattern=mask_pattern, sigma=sigma,
+                               score=score, topk_fraction=topk_fraction)
+    except ValueError as e:
+        raise UserError(f"--num_masks {num_masks} --mask_pattern {mask_pattern} --sigma {sigma} "
+                        f"--score {score} --topk_fraction {topk_fraction} do not fit this model "
+                        f"({model.img_size} px, {model.grid_size}x{model.grid_size} patch grid): {e}") from e
+    return scorer.eval()
+
+
+# ---- data -------------------------------------------------------------------------------------
+def output_stem(rel_path: str) -> str:
+    """'test/crack/000.png' -> 'test/crack/000': where the image's .npy and .png go."""
+    return Path(rel_path).with_suffix("").as_posix()
+
+
+def build_items(data_path: Optional[str], images: Optional[str], split: str, output_dir: str) -> list[TestItem]:
+    items = find_test_items(data_path, split) if data_path is not None else unlabelled_items(images)
+    # `--images DIR --output_dir DIR/out` must not score its own overlays on a rerun.
+    out = Path(output_dir).resolve()
+    inside = [out in Path(it.path).resolve().parents for it in items]
+    if any(inside):
+        warn(f"ignoring {sum(inside)} image(s) inside --output_dir {output_dir}")
+        items = [it for it, skip in zip(items, inside) if not skip]
+        if not items:
+            raise UserError(f"every image found is inside --output_dir {output_dir}; nothing to score")
+    stems = Counter(output_stem(it.rel_path) for it in items)
+    clash = [s for s, n in stems.items() if n > 1]
+    if clash:
+        names = [it.rel_path for it in items if output_stem(it.rel_path) == clash[0]]
+        raise UserError(f"{' and '.join(names)} would share the output name {clash[0]}.npy; rename one "
+                        f"({len(clash)} such clash(es))")
+    return items
+
+
+def build_loader(dataset: TestDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {num_workers}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def _write_atomic(path: Path, write) -> None:
+    """Call write(file) on a temporary file next to `path`, then rename it over `path`.
+
+    An interruption (Ctrl-C, a crash) leaves either the old file or none, never half of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_map(path: Path, anomaly_map: np.ndarray) -> None:
+    _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(anomaly_map, dtype=np.float32)))
+
+
+def save_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def prepare_output_dir(output_dir: str) -> Path:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def scores_csv(collector: ScoreCollector) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "defect", "score"])
+    for rel_path, label, defect, score in zip(collector.rel_paths, collector.labels, collector.defects,
+                                              collector.scores):
+        writer.writerow([rel_path, "" if label < 0 else int(label), defect, repr(float(score))])
+    return buf.getvalue()
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+def score_dataset(scorer: AnomalyScorer, loader: DataLoader, device: torch.device,
+                  amp_dtype: Optional[torch.dtype], out: Path, keep_reconstructions: bool
+                  ) -> tuple[ScoreCollector, Optional[np.ndarray]]:
+    """One pass over the data: writes each map as soon as its batch is back, keeps scores and maps
+    (float32) and, for the overlays, reconstructions as uint8 pictures [N, S, S, 3]."""
+    n = len(loader.dataset)
+    collector = ScoreCollector(n)
+    recon_u8 = None
+    with tqdm(total=n, unit="img", desc="scoring", dynamic_ncols=True) as bar:
+        for result in run_inference(scorer, loader, device, amp_dtype, with_reconstructions=keep_reconstructions):
+            lo = collector.count
+            collector.add(result)
+            for j, rel_path in enumerate(result.meta["rel_path"]):
+                save_map(out / "anomaly_maps" / f"{output_stem(rel_path)}.npy", result.anomaly_maps[j].numpy())
+            if keep_reconstructions:
+                if recon_u8 is None:
+                    s = result.anomaly_maps.shape[-1]
+                    recon_u8 = np.empty((n, s, s, 3), dtype=np.uint8)
+                for j in range(result.scores.shape[0]):
+                    recon_u8[lo + j] = denormalize(result.reconstructions[j])
+            bar.update(result.scores.shape[0])
+    return collector, recon_u8
+
+
+def colour_scale(maps: np.ndarray) -> Optional[float]:
+    """The run's heatmap top: VMAX_PERCENTILE of all map values (on a regular sub-grid when large)."""
+    if maps.size == 0:
+        return None
+    step = max(1, int(np.ceil(np.sqrt(maps.size / _VMAX_SAMPLE))))
+    vmax = float(np.percentile(maps[:, ::step, ::step], VMAX_PERCENTILE))
+    return vmax if vmax > 0 else None
+
+
+def write_overlays(out: Path, dataset: TestDataset, collector: ScoreCollector, recon_u8: np.ndarray,
+                   vmax: Optional[float]) -> None:
+    with tqdm(total=collector.count, unit="img", desc="overlays", dynamic_ncols=True) as bar:
+        for k, index in enumerate(collector.indices):
+            item = dataset[int(index)]
+            gt = item["mask"] if item["label"] == 1 and item["has_mask"] else None
+            save_overlay(out / "overlays" / f"{output_stem(item['rel_path'])}.png", item["image"], recon_u8[k],
+                         collector.maps[k], float(collector.scores[k]), gt_mask=gt, vmax=vmax,
+                         title=item["rel_path"])
+            bar.update(1)
+
+
+def write_summary(path: Path, dataset: TestDataset, collector: ScoreCollector, vmax: Optional[float]) -> None:
+    """The likely failures: highest-scoring good and lowest-scoring anomalous images."""
+    order = np.argsort(collector.scores, kind="stable")
+    good = [k for k in order[::-1] if collector.labels[k] == 0][:SUMMARY_PER_GROUP]
+    bad = [k for k in order if collector.labels[k] == 1][:SUMMARY_PER_GROUP]
+    items = [{"image": denormalize(dataset[int(collector.indices[k])]["image"]), "anomaly_map": collector.maps[k],
+              "score": float(collector.scores[k]), "label": int(collector.labels[k]),
+              "rel_path": collector.rel_paths[k]} for k in good + bad]
+    save_summary(path, items, max_per_group=SUMMARY_PER_GROUP, vmax=vmax)
+
+
+def full_resolution_arrays(dataset: TestDataset, collector: ScoreCollector) -> tuple[np.ndarray, np.ndarray]:
+    """Maps upsampled (bilinear) to each mask's native resolution, and the native masks.
+
+    Every evaluated image must share one resolution (metrics take [N, H, W]); images without a mask
+    file are good (all-zero mask at the image's own size) or excluded from pixel metrics. Filled one
+    image at a time into preallocated float32 / bool arrays, so the peak is the two arrays.
+    """
+    sizes: list[Optional[tuple[int, int]]] = []  # (H, W) per collected image; None = excluded
+    for k, index in enumerate(collector.indices):
+        item = dataset.items[int(index)]
+        if collector.labels[k] == 1 and collector.has_mask[k]:
+            with Image.open(item.mask_path) as m:
+                sizes.append((m.height, m.width))
+        elif collector.labels[k] == 0:
+            with Image.open(item.path) as im:
+                sizes.append((im.height, im.width))
+        else:
+            sizes.append(None)
+    found = Counter(s for s in sizes if s is not None)
+    if len(found) > 1:
+        shown = ", ".join(f"{w}x{h} ({n} images)" for (h, w), n in found.most_common(3))
+        raise UserError(f"--eval_size full needs one resolution for all evaluated images and masks; found "
+                        f"{shown}: use --eval_size input")
+    h, w = next(iter(found)) if found else collector.maps.shape[1:]
+    maps = np.zeros((collector.count, h, w), dtype=np.float32)
+    masks = np.zeros((collector.count, h, w), dtype=bool)
+    for k, index in enumerate(collector.indices):
+        if sizes[k] is None:
+            continue
+        small = torch.from_numpy(collector.maps[k])[None, None]  # [1, 1, S, S]
+        maps[k] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        if collector.labels[k] == 1:
+            masks[k] = load_mask(dataset.items[int(index)].mask_path)
+    return maps, masks
+
+
+def report_pixel_notes(metrics: dict[str, Any], data_path: str) -> list[str]:
+    n_bad, n_without = metrics.get("n_anomalous", 0), metrics.get("n_images_without_mask", 0)
+    if n_bad and n_without == n_bad:
+        return [f"note: no ground-truth masks under {Path(data_path) / 'ground_truth'}: pixel metrics "
+                f"(pixel AUROC, AUPRO, pixel F1) skipped; image metrics only"]
+    if n_without:
+        return [f"note: {n_without} of {n_bad} anomalous images have no mask and are left out of the pixel metrics"]
+    return []
+
+
+# ---- main -------------------------------------------------------------------------------------
+def amp_name(amp_dtype: Optional[torch.dtype]) -> str:
+    return {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+
+
+def resolved_options(args: argparse.Namespace, device: torch.device, amp_dtype: Optional[torch.dtype],
+                     train_args: dict[str, Any], n_images: int) -> dict[str, Any]:
+    options = dict(vars(args))
+    options.update(device=str(device), amp=amp_name(amp_dtype), device_requested=args.device, amp_requested=args.amp,
+                   model=train_args.get("model"), input_size=train_args.get("input_size"),
+                   n_images=n_images, checkpoint_args=train_args)
+    return options
+
+
+def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, data_path: str, eval_size: str,
+                  vmax: Optional[float]) -> list[str]:
+    """metrics.json, roc.png and summary.png of a labelled run; returns the console lines."""
+    if eval_size == "full":
+        maps_full, masks_full = full_resolution_arrays(dataset, collector)
+        metrics = collector.metrics(maps_full, masks_full)
+        del maps_full, masks_full
+    else:
+        metrics = collector.metrics()
+    metrics["eval_size"] = eval_size
+    save_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    lines = ["", format_metrics_table(metrics)] + report_pixel_notes(metrics, data_path)
+    if metrics["image_auroc"] is not None:
+        save_roc(out / "roc.png", collector.scores, collector.labels, metrics["image_auroc"])
+    else:
+        lines.append("note: the split has only one class: no ROC curve (roc.png not written)")
+    write_summary(out / "summary.png", dataset, collector, vmax)
+    return lines
+
+
+def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float]) -> list[str]:
+    lines = ["", f"anomaly maps: {out / 'anomaly_maps'}", f"scores:       {out / 'scores.csv'}"]
+    if labelled:
+        lines += [f"metrics:      {out / 'metrics.json'}", f"summary:      {out / 'summary.png'}"]
+    if overlays:
+        lines.append(f"overlays:     {out / 'overlays'}" + (f" (colour scale 0 - {vmax:.3g})" if vmax else ""))
+    return lines
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    items = build_items(args.data_path, args.images, args.split, args.output_dir)
+    model, train_args = build_model(args.checkpoint, args.pretrained)
+    scorer = build_scorer(model, args.num_masks, args.mask_pattern, args.sigma, args.score,
+                          args.topk_fraction).to(device)
+    dataset = TestDataset(items, model.img_size)
+    loader = build_loader(dataset, args.batch_size, args.num_workers, device)
+    out = prepare_output_dir(args.output_dir)
+    options = resolved_options(args, device, amp_dtype, train_args, len(dataset))
+    save_text(out / "args.json", json.dumps(options, indent=2, default=str) + "\n")
+
+    start = time.perf_counter()
+    collector, recon_u8 = score_dataset(scorer, loader, device, amp_dtype, out,
+                                        keep_reconstructions=not args.no_overlays)
+    elapsed = time.perf_counter() - start
+    save_text(out / "scores.csv", scores_csv(collector))
+    lines = [f"scored {collector.count} images in {elapsed:.1f} s ({elapsed / collector.count:.3f} s/image) "
+             f"on {device}, amp {amp_name(amp_dtype)}"]
+    # One colour scale for the whole run needs every map, so pictures are drawn after the pass.
+    vmax = colour_scale(collector.maps)
+    labelled = args.data_path is not None
+    if labelled:
+        lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax)
+    if recon_u8 is not None:
+        write_overlays(out, dataset, collector, recon_u8, vmax)
+    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, vmax)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))
