@@ -30,7 +30,7 @@ from engine import ScoreCollector, run_inference
 from lora_utils import import_adapter, is_lora_name, merge_lora
 from models_mae import MODELS, SCORE_METHODS, AnomalyScorer, MaskedAutoencoderViT, create_model
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
-from util.cli import UserError, run_cli, warn
+from util.cli import OneLineArgumentParser, UserError, run_cli, warn
 from util.datasets import TestDataset, TestItem, find_test_items, load_mask, unlabelled_items
 from util.masks import MASK_PATTERNS
 from util.metrics import format_metrics_table
@@ -46,7 +46,7 @@ SUMMARY_PER_GROUP = 8
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         "MAE-AD inference",
         description="Score images with a trained MAE-AD checkpoint: anomaly maps (.npy), overlays, "
                     "scores.csv, and metrics.json / roc.png / summary.png for a labelled test split.",

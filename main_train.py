@@ -29,10 +29,12 @@ from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, 
 from util.cli import UserError, run_cli, warn
 from util.datasets import TestDataset, TrainDataset, find_test_items
 from util.logger import RunLogger
+from util.masks import make_inference_masks
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device, save_atomic
 
 PATCH_SIZE = 7  # every registered model uses 7x7 patches
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+EVAL_NUM_MASKS = 4  # views of --eval_every's scoring (main_infer.py's default)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +129,13 @@ def validate_args(args: argparse.Namespace) -> None:
         lo = max(PATCH_SIZE, args.input_size // PATCH_SIZE * PATCH_SIZE)
         raise UserError(f"--input_size {args.input_size} is not a multiple of the patch size {PATCH_SIZE}: "
                         f"use a multiple of 7, e.g. {lo} or {lo + PATCH_SIZE} (224 and 112 are the usual sizes)")
+    if args.eval_every:
+        try:  # --eval_every scores with EVAL_NUM_MASKS stripe views: the patch grid must split evenly
+            make_inference_masks(args.input_size // PATCH_SIZE, EVAL_NUM_MASKS, "stripes")
+        except ValueError as e:
+            raise UserError(f"--eval_every with --input_size {args.input_size}: {e}; use an --input_size whose "
+                            f"grid side (input_size/7) is a multiple of {EVAL_NUM_MASKS}, e.g. 56, 112 or 224, "
+                            f"or --eval_every 0") from e
     if not 0.0 < args.train_mask_ratio < 1.0:
         raise UserError(f"--train_mask_ratio {args.train_mask_ratio}: must be between 0 and 1 (MAE uses 0.75)")
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -309,6 +318,10 @@ def read_resume_checkpoint(path: Path, options: dict[str, Any]) -> dict[str, Any
         raise UserError(f"--resume {path} has no {'/'.join(missing)}: it holds weights only (e.g. an official MAE "
                         f"checkpoint), not a training state; start from it with --pretrained {path} instead")
     theirs = checkpoint["args"]
+    if not isinstance(theirs, dict):  # e.g. facebookresearch/mae's main_pretrain.py: an argparse.Namespace
+        raise UserError(f"--resume {path} was written by another training program (its options are a "
+                        f"{type(theirs).__name__}, not main_train.py's dict): it cannot continue this run; "
+                        f"start from its weights with --pretrained {path} instead")
     differ = [k for k in MODEL_ARG_KEYS if _norm(theirs.get(k)) != _norm(options[k])]
     if differ:
         def describe(o):
@@ -320,6 +333,45 @@ def read_resume_checkpoint(path: Path, options: dict[str, Any]) -> dict[str, Any
 
 def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# save_atomic writes `.<name>.<random>.tmp` next to <name>, then renames it over <name>.
+STALE_TEMP_GLOB = ".checkpoint-*.pth.*.tmp"
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Delete half-written checkpoints left by a run killed while saving (they never replaced a
+    checkpoint: the rename is atomic) and return them. Only the main process calls this."""
+    stale = sorted(output_dir.glob(STALE_TEMP_GLOB))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        warn(f"removed {len(stale)} half-written checkpoint file(s) left in {output_dir} by an interrupted run "
+             f"(e.g. {stale[0].name}); the complete checkpoints are untouched")
+    return stale
+
+
+def trim_log(log_path: Path, start_epoch: int) -> int:
+    """Keep the log.txt records of epochs before `start_epoch` (the ones the resumed checkpoint
+    holds); a run killed after logging an epoch but before saving it would otherwise log it twice.
+    Returns the number of lines dropped (unreadable lines, e.g. cut by a kill, are dropped too)."""
+    if not log_path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in log_path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["epoch"]) < start_epoch
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = log_path.with_name(f".{log_path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(log_path)
+    return dropped
 
 
 def restore_training_state(checkpoint: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -349,7 +401,7 @@ def restore_training_state(checkpoint: dict[str, Any], path: Path, model: nn.Mod
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
                    amp_dtype: Optional[torch.dtype]) -> dict[str, Any]:
     """Anomaly metrics of the (unwrapped) model on the test split; the model is back in train mode after."""
-    scorer = AnomalyScorer(model, 4, "stripes", 4.0).to(device)
+    scorer = AnomalyScorer(model, EVAL_NUM_MASKS, "stripes", 4.0).to(device)
     try:
         metrics = evaluate(scorer, loader, device, amp_dtype)
     finally:
@@ -405,6 +457,9 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        if resume_path is not None and trim_log(out / "log.txt", start_epoch):
+            print(f"log.txt: dropped the records of epochs {start_epoch}+ written after {resume_path.name} was saved")
         (out / "args.json").write_text(json.dumps(options, indent=2) + "\n")
         print(f"training {args.model} on {len(loader.dataset)} images, {info.world_size} process(es) on {device}, "
               f"amp {options['amp_dtype']}, lr {options['lr']:.3e} (effective batch {options['eff_batch_size']}), "

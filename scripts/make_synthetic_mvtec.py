@@ -29,7 +29,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.cli import UserError, run_cli  # noqa: E402
+from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 
 DEFECTS = {
     "capsule": ("crack", "poke", "scratch", "faulty_imprint", "squeeze"),
@@ -579,8 +579,9 @@ def make_category(dst: Path, seed: int = 0, size: int = 224, n_train: int = 200,
         raise UserError(f"unknown --kind {kind}; choose one of {', '.join(DEFECTS)}")
     if size < 32:
         raise UserError(f"--size {size} is too small; use at least 32")
-    if min(n_train, n_test_good, n_per_defect) < 0:
-        raise UserError("image counts must not be negative")
+    for flag, count in (("--n_train", n_train), ("--n_test_good", n_test_good), ("--n_per_defect", n_per_defect)):
+        if count < 0:
+            raise UserError(f"{flag} {count}: image counts must be 0 or more")
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise UserError(f"--dst {dst} exists and is not a folder")
@@ -618,7 +619,7 @@ def make_category(dst: Path, seed: int = 0, size: int = 224, n_train: int = 200,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         description="Generate a synthetic MVTec-style category in the raw MVTec AD layout: "
                     "DST/<category>/train/good/000.png, .../test/good/000.png, "
                     ".../test/<defect>/000.png and .../ground_truth/<defect>/000_mask.png "

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.cli import UserError, run_cli, warn  # noqa: E402
+from util.cli import OneLineArgumentParser, UserError, run_cli, warn  # noqa: E402
 from util.datasets import (IMG_EXTENSIONS, UnreadableImage, is_image_file, load_mask,  # noqa: E402
                            load_rgb)
 
@@ -348,7 +348,7 @@ def prepare(src: Path, dst: Path, categories: str = "all", link: bool = False,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         description="Restructure an MVTec AD download (one category folder or the root holding "
                     "all categories) into the prepared layout: test/<defect>/<name> becomes "
                     "test/bad/<defect>_<name> and ground_truth/<defect>/<stem>_mask.png becomes "

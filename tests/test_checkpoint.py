@@ -71,14 +71,32 @@ def test_file_matching_nothing_is_an_error(tmp_path):
         load_pretrained(create_model("mae_vit_tiny_patch7", img_size=28), path)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
-def test_not_a_checkpoint(tmp_path, content):
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is empty \(0 bytes\)"),
+    (b"not a checkpoint at all", r"is not a PyTorch checkpoint \(cannot unpickle\)"),
+    (bytes(range(256)) * 16, r"is not a PyTorch checkpoint \(cannot unpickle\)"),
+    (b"PK\x03\x04truncated", r"looks truncated \(incomplete zip archive\)"),
+], ids=["empty", "text", "random_bytes", "zip_header_only"])
+def test_not_a_checkpoint(tmp_path, content, message):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
-    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserError, match=message) as e:
         read_checkpoint(path)
+    text = str(e.value)
+    assert str(path) in text and "\n" not in text and "weights_only` argument" not in text and len(text) < 300
+
+
+def test_objects_that_safe_loading_refuses_are_named(tmp_path):
+    import numpy as np
+    path = tmp_path / "numpy.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "stats": np.zeros(3)}, path)
+    with pytest.raises(UserError, match=r"holds a Python object \(numpy\..*\) that safe loading") as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value) and "re-save its tensors" in str(e.value)
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(UserError, match="is a folder; pass a .pth file"):
+        read_checkpoint(tmp_path)

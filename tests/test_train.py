@@ -226,7 +226,7 @@ def test_cli_errors_are_one_line(tmp_path):
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
     (["--input_size", "100"], "use a multiple of 7, e.g. 98 or 105"),
     (["--lora_targets", "qkv,foo"], "--lora_targets"),
-])
+], ids=["batch_size_0", "accum_iter_0", "epochs_0", "input_size_100", "lora_targets"])
 def test_bad_flags_stop_before_reading_data(flags, message, category, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(main_train, "TrainDataset", None)  # reading data would crash the test
     assert cli(["--data_path", str(category), "--output_dir", str(tmp_path), *TINY, *flags]) == 2
@@ -243,7 +243,7 @@ def _no_model(*args, **kwargs):
     ("empty", "no training images"),
     ("text_only", "no training images"),  # a non-image file is not an image
     ("all_corrupt", "could be read"),
-])
+], ids=["missing", "empty", "text_only", "all_corrupt"])
 def test_data_errors_stop_before_the_model(layout, message, tmp_path, monkeypatch, capsys):
     root = tmp_path / "cat"
     if layout != "missing":

@@ -5,6 +5,11 @@ dict with key `model` holding encoder (and sometimes decoder) tensors made for 1
 at 224 px. Loading is loud: every tensor is either loaded, or skipped with a reason, and the model
 tensors left at their initialisation are counted.
 """
+import argparse
+import contextlib
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,16 +45,63 @@ def model_kwargs_from_args(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# Plain-data classes that safe loading may rebuild: checkpoints written by the official MAE training
+# code (main_pretrain.py's checkpoint-*.pth) store their options as an argparse.Namespace.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _allow_safe_globals():
+    """torch.serialization.safe_globals(_SAFE_GLOBALS) where it exists (torch >= 2.5)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow(_SAFE_GLOBALS) if allow is not None else contextlib.nullcontext()
+
+
+def _load_error(path: Path, head: bytes, e: BaseException) -> UserError:
+    """A short, useful one-line reason for a failed torch.load (PyTorch's own text is pages long)."""
+    text = " ".join(str(e).split())
+    unsupported = _UNSUPPORTED_GLOBAL.search(text)
+    if unsupported:
+        return UserError(f"{path} holds a Python object ({unsupported.group(1)}) that safe loading "
+                         f"(torch.load weights_only=True) refuses; if you trust the file, load it with "
+                         f"weights_only=False in Python and re-save its tensors, e.g. "
+                         f"torch.save({{'model': ckpt['model']}}, 'weights.pth')")
+    if head.startswith(_ZIP_MAGIC):
+        incomplete = "central directory" in text or "not a ZIP archive" in text
+        if incomplete or isinstance(e, (EOFError, zipfile.BadZipFile)):
+            return UserError(f"{path} looks truncated (incomplete zip archive): it was cut short while being "
+                             f"written or copied; copy it again or use another checkpoint")
+        return UserError(f"{path} is a zip archive but not a PyTorch checkpoint (no torch.save layout inside)")
+    if isinstance(e, EOFError):
+        return UserError(f"{path} looks truncated (the data ends while unpickling): it was cut short while "
+                         f"being written or copied; copy it again or use another checkpoint")
+    return UserError(f"{path} is not a PyTorch checkpoint (cannot unpickle); expected a file written by "
+                     f"torch.save, e.g. main_train.py's checkpoint-*.pth or an official MAE .pth")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """torch.load(weights_only=True) with one-line errors for a missing, truncated or foreign file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass a .pth file (e.g. {path / 'checkpoint-last.pth'})")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean the same thing to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {reason}") from e
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if not head:
+        raise UserError(f"{path} is empty (0 bytes), not a checkpoint: it was cut short while being written "
+                        f"or copied; copy it again or use another checkpoint")
+    try:
+        with _allow_safe_globals(), warnings.catch_warnings():
+            # A foreign pickle makes torch warn about its protocol before failing: one line is enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors: classified into one short line
+        raise _load_error(path, head, e) from e
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint

@@ -17,6 +17,13 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exit code 2 (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 

@@ -184,6 +184,7 @@ def find_test_items(root: PathLike, split: str = "test") -> List[TestItem]:
                         f"and {split_dir}/<defect> (the raw or prepared MVTec layout)")
     root_abs = root.absolute()
     items: List[TestItem] = []
+    orphans: List[Path] = []  # masks whose image is missing: warned about, never read
     subs = [p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     # good first, then defect folders by name: the raw and prepared layouts list the same order
     for sub in sorted(subs, key=lambda p: (p.name != "good", p.name)):
@@ -192,6 +193,8 @@ def find_test_items(root: PathLike, split: str = "test") -> List[TestItem]:
             masks: Dict[str, Path] = {}
         else:
             masks = _mask_index(root / "ground_truth" / sub.name)
+            stems = {p.stem for p in images}
+            orphans.extend(masks[k] for k in sorted(masks) if k not in stems)
         for p in images:
             if sub.name == "good":
                 label, defect = 0, "good"
@@ -204,6 +207,9 @@ def find_test_items(root: PathLike, split: str = "test") -> List[TestItem]:
     if not items:
         raise UserError(f"no test images found in {split_dir}/<good|defect>/ (extensions: "
                         f"{', '.join(IMG_EXTENSIONS)})")
+    if orphans:
+        warn(f"ignoring {len(orphans)} mask(s) without an image in {split_dir} (e.g. {orphans[0]}): "
+             f"a mask <stem>_mask.<ext> belongs to the image <stem>.<ext> in the same defect folder")
     return items
 
 
