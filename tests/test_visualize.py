@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from util.visualize import IMAGENET_MEAN, IMAGENET_STD, denormalize, save_overlay, save_roc, save_summary
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from util.visualize import denormalize, save_overlay, save_roc, save_summary
 
 
 def _normalise(rgb: np.ndarray) -> torch.Tensor:
@@ -92,8 +93,3 @@ def test_save_summary(tmp_path):
     save_summary(tmp_path / "none.png", [])  # nothing labelled at all
     _check_png(tmp_path / "none.png", min_wh=(100, 100))
 
-
-def test_imagenet_constants_match_datasets():
-    datasets = pytest.importorskip("util.datasets")
-    assert tuple(IMAGENET_MEAN) == tuple(datasets.IMAGENET_MEAN)
-    assert tuple(IMAGENET_STD) == tuple(datasets.IMAGENET_STD)

@@ -13,10 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# The ImageNet statistics the images are normalised with (the same values as
-# util.datasets.IMAGENET_MEAN / IMAGENET_STD; repeated so this module does not import the data code).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 HEATMAP_CMAP = "jet"
 HEATMAP_ALPHA = 0.5
