@@ -5,6 +5,7 @@ Base tensors keep their original keys (`blocks.0.attn.qkv.weight`), LoRA adds `.
 loralib's implicit merge-on-eval switched off: merging is explicit (`merge_lora`, for inference only),
 and `unmerged_state_dict` is what gets saved, so a checkpoint never double-counts the adapters.
 """
+from functools import partial
 from pathlib import Path
 
 import loralib as lora
@@ -99,8 +100,43 @@ def unmerged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     for name, layer in lora_layers(model).items():
         if layer.merged:
-            state[f"{name}.weight"] = (layer.weight - _delta(layer)).detach()
+            key = f"{name}.weight"
+            state[key] = (layer.weight - _delta(layer)).detach().to(state[key].dtype)
     return state
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store the frozen weights and biases of every linear and convolution in `dtype`, in place.
+
+    Only for a model that runs under autocast of that same dtype (bf16 training with a frozen base,
+    or bf16 inference after `merge_lora` and `requires_grad_(False)`): autocast casts these tensors
+    to `dtype` at every call anyway, so the numbers are the same and each step stops re-reading and
+    re-casting every weight. Trainable tensors (LoRA, fp32 masters), norms and tokens are left alone.
+    `state_dict` still returns the cast tensors as their original dtype under their own names, so
+    checkpoints are unchanged. Merge LoRA before casting, not after. Returns how many tensors were cast.
+    """
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        original = {}
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if param is None or param.requires_grad or param.dtype == dtype or not param.is_floating_point():
+                continue
+            original[name] = param.dtype
+            param.data = param.data.to(dtype)
+            cast += 1
+        if original:
+            module.register_state_dict_post_hook(partial(_restore_dtypes, original=original))
+    return cast
+
+
+def _restore_dtypes(module: nn.Module, state: dict, prefix: str, local_metadata: dict, original: dict) -> None:
+    for name, dtype in original.items():
+        key = prefix + name
+        if key in state and state[key].dtype != dtype:
+            state[key] = state[key].to(dtype)
 
 
 def freeze_non_lora(model: nn.Module, pretrained_keys: set[str]) -> None:

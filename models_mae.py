@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
+from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -18,6 +19,40 @@ from lora_utils import inject_lora
 from util.masks import make_inference_masks
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.smoothing import GaussianSmoothing
+
+
+class Attention(TimmAttention):
+    """timm's Attention (same tensors, same names, same function) with one CPU training kernel choice.
+
+    Measured on an AVX-512-BF16/AMX CPU with torch 2.14: the backward of PyTorch's CPU flash
+    attention is slower in bf16 than in fp32, and plain matmul attention beats it on short
+    sequences. So when gradients are recorded on the CPU under lower-precision autocast, sequences
+    of up to SHORT_SEQUENCE tokens (the encoder's visible tokens) use matmul attention in the
+    autocast dtype (softmax in fp32) and longer ones (the decoder) fp32 SDPA; about 13% off a
+    mae_vit_large_patch7 training step there. Inference, CUDA and fp32 run timm's forward unchanged.
+    """
+
+    SHORT_SEQUENCE = 512
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if not (self.fused_attn and x.device.type == "cpu" and torch.is_grad_enabled()
+                and torch.is_autocast_enabled("cpu") and attn_mask is None and not is_causal
+                and getattr(self, "gate", None) is None):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        n, length, _ = x.shape
+        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [N, heads, T, head_dim] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if length <= self.SHORT_SEQUENCE:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # [N, heads, T, T]
+            attn = self.attn_drop(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
+            x = attn @ v
+        else:
+            with torch.autocast("cpu", enabled=False):
+                x = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(n, length, self.attn_dim))
+        return self.proj_drop(self.proj(x))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -57,7 +92,8 @@ class MaskedAutoencoderViT(nn.Module):
         # names; official weights made for another grid are never loaded into them.
         self.register_buffer("pos_embed", torch.zeros(1, num_patches + 1, embed_dim))
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
+            for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
 
@@ -65,7 +101,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.register_buffer("decoder_pos_embed", torch.zeros(1, num_patches + 1, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                  attn_layer=Attention)
             for _ in range(decoder_depth)
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
@@ -173,42 +210,75 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     # ---- deterministic views for scoring ------------------------------------------------------
-    def reconstruct_views(self, imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def reconstruct_views(self, imgs: torch.Tensor, masks: "torch.Tensor | MaskViews") -> torch.Tensor:
         """Reconstruct every image under each of K fixed masks in ONE batch of N*K sequences.
 
         imgs [N, C, H, W]; masks bool [K, L] (True = hidden), each view hiding the same number of
-        patches. Returns pred [N, K, L, p*p*C].
+        patches, or a `MaskViews` with the indices already derived (no host sync at all; this is
+        what `AnomalyScorer` passes). Returns pred [N, K, L, p*p*C].
         """
-        n, num_views = imgs.shape[0], masks.shape[0]
-        hidden_per_view = masks.sum(dim=1)
-        if not bool((hidden_per_view == hidden_per_view[0]).all()):
-            raise ValueError("every inference view must hide the same number of patches")
-        # Stable sort puts visible patches (False) first, each group in patch order.
-        ids_shuffle = torch.argsort(masks.to(torch.uint8), dim=1, stable=True)  # [K, L]
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        num_keep = self.num_patches - int(hidden_per_view[0])
+        views = masks if isinstance(masks, MaskViews) else mask_views(masks)
+        n, num_views = imgs.shape[0], views.ids_keep.shape[0]
         tokens = self.embed_patches(imgs)  # [N, L, D], computed once for all views
         tokens = tokens.repeat_interleave(num_views, dim=0)  # [N*K, L, D], view k of image i at i*K+k
-        ids_keep = ids_shuffle[:, :num_keep].repeat(n, 1)  # [N*K, L_vis]
+        ids_keep = views.ids_keep.repeat(n, 1)  # [N*K, L_vis]
         latent = self.forward_encoder(tokens, ids_keep)
-        pred = self.forward_decoder(latent, ids_restore.repeat(n, 1))  # [N*K, L, P]
+        pred = self.forward_decoder(latent, views.ids_restore.repeat(n, 1))  # [N*K, L, P]
         return pred.reshape(n, num_views, self.num_patches, -1)
 
-    def anomaly_forward(self, imgs: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def anomaly_forward(self, imgs: torch.Tensor, masks: "torch.Tensor | MaskViews") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel error of each patch from the view that hid it.
 
+        masks: bool [K, L] or a `MaskViews` (see `reconstruct_views`).
         Returns error_maps [N, H, W] (squared error averaged over colour channels, not smoothed) and
         reconstructions [N, C, H, W] (every patch taken from the view that hid it), both float32.
         With norm_pix_loss the prediction is de-normalised with the target patch's mean and std.
         """
-        pred = self.reconstruct_views(imgs, masks)  # [N, K, L, P]
-        view_of_patch = masks.to(torch.uint8).argmax(dim=0)  # [L], the view that hides each patch
-        pred = pred[:, view_of_patch, torch.arange(self.num_patches, device=pred.device)].float()  # [N, L, P]
+        views = masks if isinstance(masks, MaskViews) else mask_views(masks)
+        pred = self.reconstruct_views(imgs, views)  # [N, K, L, P]
+        patches = torch.arange(self.num_patches, device=pred.device)
+        pred = pred[:, views.view_of_patch, patches].float()  # [N, L, P], each patch from the view hiding it
         target, mean, std = self.patch_targets(imgs)
         pred = pred * std + mean
         target = target * std + mean
         error = self.unpatchify((pred - target) ** 2).mean(dim=1)  # [N, H, W]
         return error, self.unpatchify(pred)
+
+
+class MaskViews(NamedTuple):
+    """K inference masks with the indices the batched views need, derived once by `mask_views`.
+
+    Everything the forward pass needs as a Python number (the visible length) is a shape here, so
+    reconstructing from a MaskViews never reads a device tensor back to the host.
+    """
+
+    masks: torch.Tensor  # [K, L] bool, True = hidden
+    ids_keep: torch.Tensor  # [K, L_vis], each view's visible patches in patch order
+    ids_restore: torch.Tensor  # [K, L], undoes the (visible, then hidden) order of each view
+    view_of_patch: torch.Tensor  # [L], the view that hides each patch
+
+    @property
+    def shape(self) -> torch.Size:
+        """The masks' shape [K, L], so code written for a mask tensor keeps working."""
+        return self.masks.shape
+
+
+def mask_views(masks: torch.Tensor) -> MaskViews:
+    """Check that K masks [K, L] each hide the same number of patches and derive their indices.
+
+    Call it once per set of masks (`AnomalyScorer` does so on the CPU at construction): on a GPU
+    tensor the check reads the K hidden counts back to the host, one synchronisation.
+    """
+    hidden_per_view = masks.sum(dim=1).tolist()  # host ints: the visible length is a tensor shape
+    if len(set(hidden_per_view)) != 1:
+        raise ValueError("every inference view must hide the same number of patches")
+    num_keep = masks.shape[1] - int(hidden_per_view[0])
+    order = masks.to(torch.uint8)
+    # Stable sort puts visible patches (False) first, each group in patch order.
+    ids_shuffle = torch.argsort(order, dim=1, stable=True)  # [K, L]
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    view_of_patch = order.argmax(dim=0)  # [L]
+    return MaskViews(masks, ids_shuffle[:, :num_keep].contiguous(), ids_restore, view_of_patch)
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:
@@ -254,12 +324,22 @@ class AnomalyScorer(nn.Module):
         self.model = model
         self.score = score
         self.topk_fraction = topk_fraction
-        self.register_buffer("masks", make_inference_masks(model.grid_size, num_masks, mask_pattern), persistent=False)
+        # Masks and their indices are derived here once, on the CPU; as buffers they follow the
+        # scorer to its device, so scoring never synchronises with the device to read them.
+        views = mask_views(make_inference_masks(model.grid_size, num_masks, mask_pattern))
+        for name, tensor in views._asdict().items():
+            self.register_buffer(name, tensor, persistent=False)
         self.smoothing = GaussianSmoothing(sigma)
 
+    def views(self) -> MaskViews:
+        return MaskViews(self.masks, self.ids_keep, self.ids_restore, self.view_of_patch)
+
     def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
-        error, reconstructions = self.model.anomaly_forward(imgs, self.masks)
-        anomaly_maps = self.smoothing(error)
+        error, reconstructions = self.model.anomaly_forward(imgs, self.views())
+        # Smoothing is a convolution, which autocast would run in bf16: keep the maps (and so the
+        # scores, whose ties would distort the metrics) at fp32 precision.
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            anomaly_maps = self.smoothing(error.float())
         flat = anomaly_maps.flatten(1)  # [N, H*W]
         if self.score == "max":
             scores = flat.amax(dim=1)
