@@ -6,16 +6,18 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
 # Demo settings: the recommended CPU recipe (override any: make demo EPOCHS=100 MODEL=...).
+# DATA=ROOT runs the recipe on your own category root (raw or prepared MVTec layout).
 DATA       ?=
 OUT        ?= demo_output
 MODEL      ?= mae_vit_tiny_patch7
 INPUT_SIZE ?= 112
 EPOCHS     ?= 60
 BATCH_SIZE ?= 16
-BLR        ?= 1e-3
-WARMUP     ?= 5
-LORA_RANK  ?= 8
+LR         ?= 1.5e-3
+WARMUP     ?= 4
+MASK_RATIO ?= 0.25
 DEVICE     ?= auto
+DEMO_DATA  := $(if $(DATA),$(DATA),$(OUT)/data/capsule_prepared)
 
 .PHONY: test demo clean-demo help
 
@@ -37,6 +39,18 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+demo: $(VENV)/.installed
+ifeq ($(DATA),)
+	$(BIN)/python scripts/make_synthetic_mvtec.py --dst $(OUT)/data --kind capsule --seed 0
+	$(BIN)/python scripts/prepare_mvtec.py --src $(OUT)/data/capsule_synth --dst $(DEMO_DATA) --overwrite
+endif
+	$(BIN)/python main_train.py --data_path $(DEMO_DATA) --output_dir $(OUT)/train --model $(MODEL) \
+	    --input_size $(INPUT_SIZE) --epochs $(EPOCHS) --batch_size $(BATCH_SIZE) --lr $(LR) \
+	    --warmup_epochs $(WARMUP) --train_mask_ratio $(MASK_RATIO) --save_every 0 --num_workers 0 \
+	    --print_freq 100 --device $(DEVICE)
+	$(BIN)/python main_infer.py --checkpoint $(OUT)/train/checkpoint-last.pth --data_path $(DEMO_DATA) \
+	    --output_dir $(OUT)/eval --device $(DEVICE)
 
 clean-demo:
 	rm -rf $(OUT)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine import ScoreCollector, run_inference
-from lora_utils import import_adapter, is_lora_name, merge_lora
+from lora_utils import cast_frozen_weights, import_adapter, is_lora_name, merge_lora
 from models_mae import MODELS, SCORE_METHODS, AnomalyScorer, MaskedAutoencoderViT, create_model
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
@@ -431,6 +431,9 @@ def main(args: argparse.Namespace) -> int:
     amp_dtype = resolve_amp(args.amp, device)
     items = build_items(args.data_path, args.images, args.split, args.output_dir)
     model, train_args = build_model(args.checkpoint, args.pretrained)
+    if amp_dtype is not None:
+        # Autocast would cast every (merged, frozen) weight at every call; store them cast once.
+        cast_frozen_weights(model, amp_dtype)
     scorer = build_scorer(model, args.num_masks, args.mask_pattern, args.sigma, args.score,
                           args.topk_fraction).to(device)
     dataset = TestDataset(items, model.img_size)

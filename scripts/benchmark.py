@@ -12,9 +12,8 @@ inference, fast    what main_infer.py does: merge_lora, eval, requires_grad off,
                    reconstructing all K views of all B images as one batch (optionally torch.compile).
 train, naive       fp32 MAE step (mask ratio 0.75): forward, backward, AdamW (default kernel).
 train, fast        what main_train.py does: the same frozen base and trainable set
-                   (--freeze_non_lora), autocast bf16 where supported, frozen weights stored in
-                   bf16 (lora_utils.cast_frozen_weights; LoRA/trainable tensors stay fp32 masters),
-                   AdamW fused on CUDA.
+                   (--freeze_non_lora), autocast bf16 where supported (weights stay fp32, so the
+                   frozen tensors in a checkpoint stay exactly the loaded ones), AdamW fused on CUDA.
 
 Both training phases freeze what an official MAE checkpoint would fill (every non-LoRA parameter
 except the 7x7 patch embedding and decoder_pred, whose shapes differ from the official 16x16 ones).
@@ -494,8 +493,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             model = build().train()
             freeze_non_lora(model, official_keys(model))
             dtype = amp_dtype if name == "fast" else None
-            if name == "fast" and cast_frozen:
-                cast_frozen_weights(model, amp_dtype)
             opt = make_optimizer(model, device, fused=name == "fast" and device.type == "cuda")
             flops = train_flops(model, batch)
             run = torch.compile(model) if args.compile and name == "fast" else model
