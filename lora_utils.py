@@ -112,8 +112,10 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     or bf16 inference after `merge_lora` and `requires_grad_(False)`): autocast casts these tensors
     to `dtype` at every call anyway, so the numbers are the same and each step stops re-reading and
     re-casting every weight. Trainable tensors (LoRA, fp32 masters), norms and tokens are left alone.
-    `state_dict` still returns the cast tensors as their original dtype under their own names, so
-    checkpoints are unchanged. Merge LoRA before casting, not after. Returns how many tensors were cast.
+    `state_dict` still returns the cast tensors in their original dtype under their own names, but
+    their values are the rounded ones: a training checkpoint would no longer carry the loaded base
+    weights exactly, which is why main_train does not use it (main_infer does). Merge LoRA before
+    casting, not after. Returns how many tensors were cast.
     """
     cast = 0
     for module in model.modules():
