@@ -50,7 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="category folder with train/good/ (and test/ for --eval_every)")
     g.add_argument("--input_size", default=224, type=int, help="image size in pixels; a multiple of 7 (the patch size)")
-    g.add_argument("--no_jitter", action="store_true", help="no random-crop jitter (images are ~4.5%% larger, then cropped)")
+    g.add_argument("--no_jitter", action="store_true",
+                   help="no training jiggle (by default each image is shifted at random by up to "
+                        "2.25%% of its size each way, at the test images' scale)")
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes per training process")
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster GPU transfers (the default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")

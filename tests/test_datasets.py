@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from util.cli import UserError
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, TestDataset, TrainDataset,
                            UnreadableImage, defect_from_prepared_stem, find_test_items,
-                           list_images, load_rgb, resize_mask, unlabelled_items)
+                           jitter_margin, list_images, load_rgb, resize_mask, unlabelled_items)
 
 
 def _save(arr: np.ndarray, path: Path, **kw) -> Path:
@@ -196,7 +196,8 @@ def test_train_jitter_and_normalisation(synthetic_category):
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(plain[0] * std + mean, plain.images[0].float() / 255, atol=1e-6)
     jit = TrainDataset(synthetic_category, 32, jitter=True)
-    assert jit.images.shape[-1] == round(32 * 1.045)
+    m = jitter_margin(32)
+    assert jit.images.shape[-1] == 32 + 2 * m
 
     def draw(seed):
         torch.manual_seed(seed)
@@ -204,3 +205,23 @@ def test_train_jitter_and_normalisation(synthetic_category):
 
     assert torch.equal(draw(0), draw(0))
     assert not torch.equal(draw(0), draw(1))
+
+
+def test_train_jitter_only_translates(synthetic_category):
+    """Each jittered item is the plain image shifted by at most m pixels, at the same scale (test
+    images are not rescaled), with the uncovered border repeating the edge."""
+    plain = TrainDataset(synthetic_category, 32, jitter=False)
+    jit = TrainDataset(synthetic_category, 32, jitter=True)
+    m = jitter_margin(32)
+    img = plain.images[0].float()
+    padded = torch.nn.functional.pad(img[None], (m,) * 4, mode="replicate")[0]
+    shifts = {(top, left): padded[:, top:top + 32, left:left + 32]
+              for top in range(2 * m + 1) for left in range(2 * m + 1)}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(400):
+        item = (jit[0] * jit._std + jit._mean) * 255
+        match = [k for k, v in shifts.items() if torch.allclose(item, v, atol=1e-3)]
+        assert len(match) >= 1
+        seen.update(match)
+    assert (m, m) in seen and len(seen) > 5  # unshifted among them, and many different shifts

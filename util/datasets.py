@@ -33,7 +33,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
-TRAIN_RESIZE_FACTOR = 1.045  # train images are stored this much larger, then randomly cropped
+# The training jiggle: a random translation of up to this fraction of the image each way. Only a
+# translation: test images are resized to input_size with no crop, so a scale change in training
+# (resize larger, then crop) would teach the model objects larger than any it is tested on.
+JITTER_FRACTION = 0.0225
 _PROGRESS_MIN = 50  # show a progress bar when decoding more images than this
 
 PathLike = Union[str, Path]
@@ -248,6 +251,18 @@ def _decode_resized(path: Path, size: int) -> Tuple[torch.Tensor, Tuple[int, int
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), orig
 
 
+def jitter_margin(input_size: int) -> int:
+    """Largest training shift in pixels for an input size (at least 1): 3 px at 112, 5 px at 224."""
+    return max(1, round(input_size * JITTER_FRACTION))
+
+
+def _edge_pad(img: torch.Tensor, margin: int) -> torch.Tensor:
+    """uint8 [3, S, S] -> [3, S + 2m, S + 2m], the border repeating the edge pixels."""
+    if margin == 0:
+        return img
+    return F.pad(img[None].float(), (margin,) * 4, mode="replicate")[0].to(torch.uint8)
+
+
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     """Bool mask [H, W] -> float32 {0, 1} tensor [size, size] by area averaging, then > 0.5.
 
@@ -281,9 +296,10 @@ class TrainDataset(Dataset):
     """Normal training images of root/train/good, decoded once and kept as uint8 in memory.
 
     Items are float tensors [3, input_size, input_size] normalised with the ImageNet mean/std.
-    With `jitter`, images are stored at round(input_size * 1.045) and randomly cropped (torch RNG,
-    so torch.manual_seed and DataLoader worker seeding apply); without it they are stored at
-    input_size and returned unchanged.
+    With `jitter`, each item is shifted by a random whole number of pixels in [-m, m] along each
+    axis, m = jitter_margin(input_size), the uncovered border repeating the edge pixels (torch RNG,
+    so torch.manual_seed and DataLoader worker seeding apply); the scale is the test images'.
+    Without it items are the resized images unchanged.
     """
 
     def __init__(self, root: PathLike, input_size: int, jitter: bool = True):
@@ -300,14 +316,15 @@ class TrainDataset(Dataset):
             raise UserError(f"no training images in {folder} (extensions: "
                             f"{', '.join(IMG_EXTENSIONS)})")
         self.input_size = int(input_size)
-        self.jitter = bool(jitter)
-        self.stored_size = round(self.input_size * TRAIN_RESIZE_FACTOR) if jitter else self.input_size
+        self.margin = jitter_margin(self.input_size) if jitter else 0
         self.paths: List[Path] = []
         self.skipped: List[Path] = []
-        images = torch.empty((len(files), 3, self.stored_size, self.stored_size), dtype=torch.uint8)
+        stored = self.input_size + 2 * self.margin  # edge-padded once, cropped per item
+        images = torch.empty((len(files), 3, stored, stored), dtype=torch.uint8)
         for p in _progress(files, "decoding train images"):
             try:
-                images[len(self.paths)], _ = _decode_resized(p, self.stored_size)
+                images[len(self.paths)] = _edge_pad(_decode_resized(p, self.input_size)[0],
+                                                    self.margin)
             except UnreadableImage as e:
                 warn(f"skipping {e}")
                 self.skipped.append(p)
@@ -323,11 +340,9 @@ class TrainDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = self.images[i]  # [3, S', S'] uint8
-        if self.jitter and self.stored_size > self.input_size:
-            room = self.stored_size - self.input_size + 1
-            top = int(torch.randint(room, (1,)))
-            left = int(torch.randint(room, (1,)))
+        img = self.images[i]  # [3, S + 2m, S + 2m] uint8
+        if self.margin:
+            top, left = torch.randint(2 * self.margin + 1, (2,)).tolist()
             img = img[:, top:top + self.input_size, left:left + self.input_size]
         return _normalise(img, self._mean, self._std)  # [3, S, S]
 
