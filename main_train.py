@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", default=224, type=int, help="image size in pixels; a multiple of 7 (the patch size)")
     g.add_argument("--no_jitter", action="store_true",
                    help="no training jiggle (by default each image is shifted at random by up to "
-                        "2.25%% of its size each way, at the test images' scale)")
+                        "1%% of its size each way (at least 1 px), at the test images' scale)")
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes per training process")
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster GPU transfers (the default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")

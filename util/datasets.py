@@ -36,7 +36,7 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # The training jiggle: a random translation of up to this fraction of the image each way. Only a
 # translation: test images are resized to input_size with no crop, so a scale change in training
 # (resize larger, then crop) would teach the model objects larger than any it is tested on.
-JITTER_FRACTION = 0.0225
+JITTER_FRACTION = 0.01
 _PROGRESS_MIN = 50  # show a progress bar when decoding more images than this
 
 PathLike = Union[str, Path]
@@ -252,7 +252,7 @@ def _decode_resized(path: Path, size: int) -> Tuple[torch.Tensor, Tuple[int, int
 
 
 def jitter_margin(input_size: int) -> int:
-    """Largest training shift in pixels for an input size (at least 1): 3 px at 112, 5 px at 224."""
+    """Largest training shift in pixels for an input size (at least 1): 1 px at 112, 2 px at 224."""
     return max(1, round(input_size * JITTER_FRACTION))
 
 

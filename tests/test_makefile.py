@@ -1,0 +1,57 @@
+"""`make demo` stays in step with the scripts it runs: every command it would run parses with that
+script's own argument parser, and the README's overrides reach the right flags."""
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+import main_infer
+import main_train
+from scripts import make_synthetic_mvtec, prepare_mvtec
+
+ROOT = Path(__file__).resolve().parents[1]
+PARSERS = {
+    "scripts/make_synthetic_mvtec.py": make_synthetic_mvtec.get_args_parser,
+    "scripts/prepare_mvtec.py": prepare_mvtec.get_args_parser,
+    "main_train.py": main_train.get_args_parser,
+    "main_infer.py": main_infer.get_args_parser,
+}
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def _demo_commands(*overrides: str) -> Dict[str, List[str]]:
+    """{script: its argv} for each python command `make -n demo` prints (recipe lines joined)."""
+    out = subprocess.run(["make", "-n", "-s", "demo", *overrides], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    commands: Dict[str, List[str]] = {}
+    for line in out.replace("\\\n", " ").splitlines():
+        words = shlex.split(line)
+        if len(words) > 1 and words[0].endswith("python") and words[1] in PARSERS:
+            commands[words[1]] = words[2:]
+    return commands
+
+
+def test_demo_commands_parse_with_the_scripts_parsers(tmp_path):
+    commands = _demo_commands(f"OUT={tmp_path}")
+    assert list(commands) == list(PARSERS)  # generate -> prepare -> train -> evaluate, in order
+    parsed = {script: PARSERS[script]().parse_args(argv) for script, argv in commands.items()}
+    prepared = parsed["scripts/prepare_mvtec.py"].dst
+    assert Path(parsed["main_train.py"].data_path) == Path(prepared)
+    assert Path(parsed["main_infer.py"].data_path) == Path(prepared)
+    assert Path(parsed["main_infer.py"].checkpoint).parent == Path(parsed["main_train.py"].output_dir)
+
+
+def test_demo_overrides_and_own_data(tmp_path):
+    commands = _demo_commands(f"OUT={tmp_path}", f"DATA={tmp_path}/mine", "EPOCHS=7",
+                              "MODEL=mae_vit_small_patch7", "INPUT_SIZE=56", "BATCH_SIZE=4")
+    assert list(commands) == ["main_train.py", "main_infer.py"]  # DATA=ROOT: no generation step
+    train = main_train.get_args_parser().parse_args(commands["main_train.py"])
+    assert (train.epochs, train.model, train.input_size, train.batch_size) == (
+        7, "mae_vit_small_patch7", 56, 4)
+    assert train.data_path == f"{tmp_path}/mine"
+    infer = main_infer.get_args_parser().parse_args(commands["main_infer.py"])
+    assert infer.data_path == f"{tmp_path}/mine"
