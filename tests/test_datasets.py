@@ -1,5 +1,4 @@
 """util/datasets.py: one reader for the raw and prepared layouts, robust image decoding."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,31 +6,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from image_files import random_rgb, save_image, write_small_category
 from util.cli import UserError
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, TestDataset, TrainDataset,
                            UnreadableImage, defect_from_prepared_stem, find_test_items,
                            jitter_margin, list_images, load_rgb, resize_mask, unlabelled_items)
-
-
-def _save(arr: np.ndarray, path: Path, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, **kw)
-    return path
-
-
-def _rgb(h: int = 20, w: int = 20, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _category(root: Path, n_train: int = 3) -> Path:
-    for i in range(n_train):
-        _save(_rgb(seed=i), root / f"train/good/{i:03d}.png")
-    _save(_rgb(seed=10), root / "test/good/000.png")
-    _save(_rgb(seed=11), root / "test/crack/000.png")
-    m = np.zeros((20, 20), np.uint8)
-    m[5:9, 5:9] = 255
-    _save(m, root / "ground_truth/crack/000_mask.png")
-    return root
 
 
 def test_raw_and_prepared_layouts_read_the_same(synthetic_category, prepared_category):
@@ -59,21 +38,21 @@ def test_defect_names_from_prepared_stems():
 
 @pytest.mark.parametrize("kind", ["L", "LA", "RGBA", "P", "I;16", "I", "CMYK", "jpeg", "tiff", "bmp"])
 def test_load_rgb_modes(tmp_path, kind):
-    rgb = _rgb(8, 6)
+    rgb = random_rgb(8, 6)
     if kind == "L":
-        p = _save(rgb[..., 0], tmp_path / "a.png")
+        p = save_image(rgb[..., 0], tmp_path / "a.png")
     elif kind == "LA":
         p = tmp_path / "a.png"
         Image.fromarray(rgb[..., 0]).convert("LA").save(p)
     elif kind == "RGBA":
         a = np.dstack([rgb, np.full((8, 6), 255, np.uint8)])
         a[0, 0, 3] = 0  # a transparent pixel composites to black
-        p = _save(a, tmp_path / "a.png")
+        p = save_image(a, tmp_path / "a.png")
     elif kind == "P":
         p = tmp_path / "a.png"
         Image.fromarray(rgb).convert("P").save(p)
     elif kind == "I;16":
-        p = _save((rgb[..., 0].astype(np.uint16) * 257), tmp_path / "a.png")
+        p = save_image((rgb[..., 0].astype(np.uint16) * 257), tmp_path / "a.png")
         assert Image.open(p).mode.startswith("I")
     elif kind == "I":
         p = tmp_path / "a.tif"
@@ -82,7 +61,7 @@ def test_load_rgb_modes(tmp_path, kind):
         p = tmp_path / "a.jpg"
         Image.fromarray(rgb).convert("CMYK").save(p)
     else:
-        p = _save(rgb, tmp_path / f"a.{kind}")
+        p = save_image(rgb, tmp_path / f"a.{kind}")
     img = load_rgb(p)
     assert img.mode == "RGB" and img.size == (6, 8)
     a = np.asarray(img)
@@ -93,7 +72,7 @@ def test_load_rgb_modes(tmp_path, kind):
 
 
 def test_unreadable_train_files_are_skipped(tmp_path, capsys):
-    root = _category(tmp_path / "cat")
+    root = write_small_category(tmp_path / "cat")
     good = root / "train/good"
     (good / "empty.png").write_bytes(b"")
     full = (good / "000.png").read_bytes()
@@ -129,12 +108,12 @@ def test_user_errors(tmp_path):
 
 
 def test_masks_other_size_thin_and_missing(tmp_path, capsys):
-    root = _category(tmp_path / "cat")
+    root = write_small_category(tmp_path / "cat")
     # a mask at twice the image resolution
     m = np.zeros((40, 40), np.uint8)
     m[10:18, 10:18] = 255
-    _save(m, root / "ground_truth/crack/000_mask.png")
-    _save(_rgb(seed=12), root / "test/crack/001.png")  # no mask
+    save_image(m, root / "ground_truth/crack/000_mask.png")
+    save_image(random_rgb(seed=12), root / "test/crack/001.png")  # no mask
     ds = TestDataset(find_test_items(root), 20)
     err = capsys.readouterr().err
     assert "000_mask.png" in err and "resizing" in err
@@ -156,12 +135,12 @@ def test_masks_other_size_thin_and_missing(tmp_path, capsys):
 
 def test_non_square_unicode_names_and_collate(tmp_path):
     root = tmp_path / "cat égal"
-    _save(_rgb(30, 50), root / "train/good/wide img ü 漢.png")
-    _save(_rgb(30, 50, seed=3), root / "test/scratch mark/näme 1.png")
+    save_image(random_rgb(30, 50), root / "train/good/wide img ü 漢.png")
+    save_image(random_rgb(30, 50, seed=3), root / "test/scratch mark/näme 1.png")
     m = np.zeros((30, 50), np.uint8)
     m[10:20, 10:30] = 255
-    _save(m, root / "ground_truth/scratch mark/näme 1_mask.png")
-    _save(_rgb(seed=4), root / "test/good/ok.png")
+    save_image(m, root / "ground_truth/scratch mark/näme 1_mask.png")
+    save_image(random_rgb(seed=4), root / "test/good/ok.png")
     train = TrainDataset(root, 16, jitter=True)
     assert train[0].shape == (3, 16, 16)
     items = find_test_items(root)
@@ -175,8 +154,8 @@ def test_non_square_unicode_names_and_collate(tmp_path):
 
 
 def test_unlabelled_items(tmp_path):
-    _save(_rgb(), tmp_path / "imgs/b.png")
-    _save(_rgb(), tmp_path / "imgs/sub dir/a.JPG")
+    save_image(random_rgb(), tmp_path / "imgs/b.png")
+    save_image(random_rgb(), tmp_path / "imgs/sub dir/a.JPG")
     (tmp_path / "imgs/readme.md").write_text("x")
     items = unlabelled_items(tmp_path / "imgs")
     assert [i.rel_path for i in items] == ["b.png", "sub dir/a.JPG"]
@@ -213,8 +192,8 @@ def test_train_jitter_only_translates(synthetic_category):
     plain = TrainDataset(synthetic_category, 32, jitter=False)
     jit = TrainDataset(synthetic_category, 32, jitter=True)
     m = jitter_margin(32)
-    img = plain.images[0].float()
-    padded = torch.nn.functional.pad(img[None], (m,) * 4, mode="replicate")[0]
+    img = plain.images[0].numpy().astype(np.float32)
+    padded = torch.from_numpy(np.pad(img, ((0, 0), (m, m), (m, m)), mode="edge"))  # independent of F.pad
     shifts = {(top, left): padded[:, top:top + 32, left:left + 32]
               for top in range(2 * m + 1) for left in range(2 * m + 1)}
     torch.manual_seed(0)

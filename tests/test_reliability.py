@@ -8,12 +8,10 @@ spends importing torch), except where a real process is the point (SIGKILL).
 """
 import io
 import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -24,10 +22,10 @@ from PIL import Image
 
 import main_infer
 import main_train
+from image_files import random_rgb, save_image, write_small_category
 from lora_utils import unmerged_state_dict
 from models_mae import create_model
 from util.cli import run_cli
-from util.datasets import find_test_items
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
@@ -78,16 +76,6 @@ def _only_one_line(code: int, err: str, *fragments: str) -> str:
     return line
 
 
-def _rgb(h: int = 20, w: int = 20, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _save(arr: np.ndarray, path: Path, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, **kw)
-    return path
-
-
 def _png16(path: Path, arr: np.ndarray) -> Path:
     """A 16-bit-per-channel RGB(A) PNG (Pillow cannot write one): [H, W, 3 or 4] uint16."""
     h, w, c = arr.shape
@@ -123,32 +111,19 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _small_category(root: Path) -> Path:
-    """3 train, 1 good and 2 anomalous test images (20 px) with one mask."""
-    for i in range(3):
-        _save(_rgb(seed=i), root / f"train/good/{i:03d}.png")
-    _save(_rgb(seed=10), root / "test/good/000.png")
-    _save(_rgb(seed=11), root / "test/crack/000.png")
-    _save(_rgb(seed=12), root / "test/crack/001.png")
-    m = np.zeros((20, 20), np.uint8)
-    m[5:9, 5:9] = 255
-    _save(m, root / "ground_truth/crack/000_mask.png")
-    return root
-
-
 # ---- data -------------------------------------------------------------------------------------
 def test_every_image_format_trains(tmp_path, capsys):
     """16-bit RGB/RGBA/gray, 8-bit gray, RGBA and palette PNGs, JPEG and TIFF all train, none skipped."""
     good = tmp_path / "cat/train/good"
-    rgb = _rgb(24, 24)
+    rgb = random_rgb(24, 24)
     _png16(good / "rgb16.png", rgb.astype(np.uint16) * 257)
     _png16(good / "rgba16.png", np.dstack([rgb, np.full((24, 24), 255, np.uint8)]).astype(np.uint16) * 257)
-    _save(rgb[..., 0].astype(np.uint16) * 257, good / "gray16.png")
-    _save(rgb[..., 1], good / "gray.png")
-    _save(np.dstack([rgb, np.full((24, 24), 200, np.uint8)]), good / "rgba.png")
+    save_image(rgb[..., 0].astype(np.uint16) * 257, good / "gray16.png")
+    save_image(rgb[..., 1], good / "gray.png")
+    save_image(np.dstack([rgb, np.full((24, 24), 200, np.uint8)]), good / "rgba.png")
     Image.fromarray(rgb).convert("P").save(good / "palette.png")
-    _save(rgb, good / "photo.jpg", quality=90)
-    _save(rgb, good / "scan.tif")
+    save_image(rgb, good / "photo.jpg", quality=90)
+    save_image(rgb, good / "scan.tif")
     assert {Image.open(p).mode for p in good.iterdir()} >= {"RGB", "RGBA", "L", "P"}
     out = tmp_path / "out"
     code, stdout, err = _cli(main_train, ["--data_path", tmp_path / "cat", "--output_dir", out, *TINY,
@@ -160,10 +135,10 @@ def test_every_image_format_trains(tmp_path, capsys):
 
 
 def test_orphan_mask_and_missing_mask_are_warned_and_skipped_by_pixel_metrics(checkpoint, tmp_path, capsys):
-    root = _small_category(tmp_path / "cat")
+    root = write_small_category(tmp_path / "cat", n_anomalous=2)
     m = np.zeros((20, 20), np.uint8)
     m[1:3, 1:3] = 255
-    _save(m, root / "ground_truth/crack/007_mask.png")  # its image test/crack/007.png does not exist
+    save_image(m, root / "ground_truth/crack/007_mask.png")  # its image test/crack/007.png does not exist
     out = tmp_path / "out"
     code, stdout, err = _cli(main_infer, ["--checkpoint", checkpoint, "--data_path", root, "--output_dir", out,
                                           "--num_workers", "0", "--no_overlays", "--amp", "none"], capsys)
@@ -179,11 +154,11 @@ def test_orphan_mask_and_missing_mask_are_warned_and_skipped_by_pixel_metrics(ch
 
 def test_spaces_and_non_ascii_names_end_to_end(checkpoint, tmp_path, capsys):
     root = tmp_path / "cat égal 漢"
-    _save(_rgb(30, 50), root / "test/scratch mark/näme 1.png")
+    save_image(random_rgb(30, 50), root / "test/scratch mark/näme 1.png")
     m = np.zeros((30, 50), np.uint8)
     m[10:20, 10:30] = 255
-    _save(m, root / "ground_truth/scratch mark/näme 1_mask.png")
-    _save(_rgb(seed=4), root / "test/good/ok ü.png")
+    save_image(m, root / "ground_truth/scratch mark/näme 1_mask.png")
+    save_image(random_rgb(seed=4), root / "test/good/ok ü.png")
     out = tmp_path / "out ø"
     code, _, err = _cli(main_infer, ["--checkpoint", checkpoint, "--data_path", root, "--output_dir", out,
                                      "--num_workers", "0", "--amp", "none"], capsys)
