@@ -1,12 +1,10 @@
 """`make demo` stays in step with the scripts it runs: every command it would run parses with that
 script's own argument parser, and the README's overrides reach the right flags."""
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict, List
 
-import pytest
 
 import main_infer
 import main_train
@@ -19,9 +17,6 @@ PARSERS = {
     "main_train.py": main_train.get_args_parser,
     "main_infer.py": main_infer.get_args_parser,
 }
-
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-
 
 def _demo_commands(*overrides: str) -> Dict[str, List[str]]:
     """{script: its argv} for each python command `make -n demo` prints (recipe lines joined)."""
