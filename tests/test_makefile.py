@@ -5,7 +5,6 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List
 
-
 import main_infer
 import main_train
 from scripts import make_synthetic_mvtec, prepare_mvtec
