@@ -341,6 +341,7 @@ class Plan:
     adapter_only: bool  # --pretrained with --freeze_non_lora: keep the adapter, not the full checkpoints
     wandb_name: Optional[str]
     echo: bool  # copy the subprocesses' output to the console (one worker only)
+    threads: Optional[int]  # OMP_NUM_THREADS of concurrent workers: a share of the cores each
 
 
 def train_argv(plan: Plan, task: Task) -> list[str]:
@@ -458,6 +459,8 @@ def run_task(task: Task, plan: Plan, gpus: Optional[str], children: Children) ->
     env = dict(os.environ)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
+    if plan.threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(plan.threads))
     start = time.perf_counter()
     code = children.run(train_command(train_argv(plan, task), plan.nproc), env, run_dir / "train.log", plan.echo)
     timing = add_train_time(run_dir, time.perf_counter() - start)
@@ -708,7 +711,9 @@ def build_plan(args: argparse.Namespace, given: dict[str, Any], parsers: dict[st
         raise UserError(f"--device {given['device']} with --gpus: leave --device out; each worker sees only its GPUs")
     return Plan(train_tokens, infer_tokens, args.nproc_per_node, args.save_tiff,
                 adapter_only=bool(train_args.pretrained) and train_args.freeze_non_lora,
-                wandb_name=given.get("wandb_name"), echo=workers == 1)
+                wandb_name=given.get("wandb_name"), echo=workers == 1,
+                # several processes each using every core would spin against each other
+                threads=max(1, (os.cpu_count() or 1) // (workers * args.nproc_per_node)) if workers > 1 else None)
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
@@ -730,7 +735,8 @@ def main(args: argparse.Namespace) -> int:
     check_output_dir(out, options, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_run_options(out, options, list(categories))
-    info = {"command": [sys.executable, *sys.argv], "options": options, "given": given, **environment()}
+    info = {"run_mvtec_options": {dest: getattr(args, dest) for dest in RUNNER_DESTS}, "script_options": given,
+            "result_options": options, **environment()}
 
     tasks = make_tasks(categories, seeds, out)
     outcomes = {id(t): Outcome(t, "pending") for t in tasks}
@@ -758,7 +764,6 @@ def main(args: argparse.Namespace) -> int:
             write_results(out, list(outcomes.values()), kinds, seeds, info, args.compare)
 
     children = Children()
-    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         write_results(out, list(outcomes.values()), kinds, seeds, info, args.compare)
         run_all(todo, plan, slots, children, on_done)
@@ -779,4 +784,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_interrupt)
     sys.exit(run_cli(main, get_args_parser().parse_args()))
