@@ -599,10 +599,10 @@ def results_markdown(rows: list[dict[str, Any]], outcomes: list[Outcome], seeds:
              "|---|---|" + "---:|" * (len(METRICS) + 2)]
     for row in rows:
         cells = [_pct(*row[m[0]]) for m in METRICS]
-        train, score = row["train_minutes"][0], row["score_ms_per_image"][0]
+        cells += ["–" if value is None else f"{value:.1f}"
+                  for value in (row["train_minutes"][0], row["score_ms_per_image"][0])]
         name = f"**{row['category']}**" if row["category"] == "Mean" else row["category"]
-        lines.append(f"| {name} | {row['kind']} | " + " | ".join(cells)
-                     + f" | {'–' if train is None else f'{train:.1f}'} | {'–' if score is None else f'{score:.1f}'} |")
+        lines.append(f"| {name} | {row['kind']} | " + " | ".join(cells) + " |")
     failed = [o for o in outcomes if o.status != "ok"]
     if failed:
         lines += ["", "Not in the table:"]
@@ -684,18 +684,46 @@ def environment() -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": dirty, "versions": versions, "device_name": device}
 
 
-def write_results(out: Path, outcomes: list[Outcome], kinds: dict[str, str], seeds: list[int],
-                  info: dict[str, Any], compare: bool) -> None:
-    records = [o.record for o in outcomes if o.status == "ok"]
-    rows = table_rows(records, kinds)
-    reference = parse_reference(REFERENCE_FILE.read_text()) if compare else None
-    save_text(out / "results.csv", results_csv(records, kinds))
-    save_text(out / "results.md", results_markdown(rows, outcomes, seeds, reference))
-    runs = [{**o.record, "category": o.task.category, "seed": o.task.seed, "kind": kinds[o.task.category],
-             "status": o.status, "reused": o.reused, "stage": o.stage or None, "error": o.error or None,
-             "run_dir": str(o.task.run_dir)} for o in outcomes]
-    table = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in rows]
-    save_text(out / "results.json", json.dumps({**info, "runs": runs, "table": table}, indent=2) + "\n")
+class Results:
+    """Every task's Outcome, and results.csv / .md / .json rewritten after each one (thread-safe)."""
+
+    def __init__(self, out: Path, tasks: list[Task], kinds: dict[str, str], seeds: list[int],
+                 info: dict[str, Any], compare: bool) -> None:
+        self.out, self.kinds, self.seeds, self.info = out, kinds, seeds, info
+        self.reference = parse_reference(REFERENCE_FILE.read_text()) if compare else None
+        self.outcomes = {id(t): Outcome(t, "pending") for t in tasks}
+        self.lock = threading.RLock()
+
+    def add(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes[id(outcome.task)] = outcome
+            self.write()
+        task, r = outcome.task, outcome.record
+        if outcome.reused:
+            print(f"{task.category} (seed {task.seed}): done earlier ({task.run_dir / RESULT_FILE}), skipped")
+        elif outcome.status == "ok":
+            print(f"{task.category} (seed {task.seed}): image AUROC {_pct(r['image_auroc'])}, pixel AUROC "
+                  f"{_pct(r['pixel_auroc'])}, AUPRO {_pct(r['aupro'])}; {r['train_minutes']:.1f} min training",
+                  flush=True)
+        else:
+            print(f"{task.category} (seed {task.seed}): FAILED in {outcome.stage}: {outcome.error}", flush=True)
+
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes.values() if o.status != "ok"]
+
+    def write(self) -> None:
+        with self.lock:  # one writer at a time: the temporary file names are per process
+            outcomes = list(self.outcomes.values())
+            records = [o.record for o in outcomes if o.status == "ok"]
+            rows = table_rows(records, self.kinds)
+            save_text(self.out / "results.csv", results_csv(records, self.kinds))
+            save_text(self.out / "results.md", results_markdown(rows, outcomes, self.seeds, self.reference))
+            runs = [{**o.record, "category": o.task.category, "seed": o.task.seed, "kind": self.kinds[o.task.category],
+                     "status": o.status, "reused": o.reused, "stage": o.stage or None, "error": o.error or None,
+                     "run_dir": str(o.task.run_dir)} for o in outcomes]
+            table = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in rows]
+            save_text(self.out / "results.json",
+                      json.dumps({**self.info, "runs": runs, "table": table}, indent=2) + "\n")
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -737,44 +765,26 @@ def main(args: argparse.Namespace) -> int:
     write_run_options(out, options, list(categories))
     info = {"run_mvtec_options": {dest: getattr(args, dest) for dest in RUNNER_DESTS}, "script_options": given,
             "result_options": options, **environment()}
-
     tasks = make_tasks(categories, seeds, out)
-    outcomes = {id(t): Outcome(t, "pending") for t in tasks}
+    results = Results(out, tasks, kinds, seeds, info, args.compare)
     todo = []
     for task in tasks:
         done = finished_outcome(task, plan.adapter_only)
-        if done is not None:
-            outcomes[id(task)] = done
-            print(f"{task.category} (seed {task.seed}): done earlier ({task.run_dir / RESULT_FILE}), skipped")
-        else:
+        if done is None:
             todo.append(task)
-    lock = threading.Lock()
-
-    def on_done(outcome: Outcome) -> None:
-        with lock:
-            outcomes[id(outcome.task)] = outcome
-            task = outcome.task
-            if outcome.status == "ok":
-                r = outcome.record
-                print(f"{task.category} (seed {task.seed}): image AUROC {_pct(r['image_auroc'])}, pixel AUROC "
-                      f"{_pct(r['pixel_auroc'])}, AUPRO {_pct(r['aupro'])}; {r['train_minutes']:.1f} min training",
-                      flush=True)
-            else:
-                print(f"{task.category} (seed {task.seed}): FAILED in {outcome.stage}: {outcome.error}", flush=True)
-            write_results(out, list(outcomes.values()), kinds, seeds, info, args.compare)
-
+        else:
+            results.add(done)
+    results.write()
     children = Children()
     try:
-        write_results(out, list(outcomes.values()), kinds, seeds, info, args.compare)
-        run_all(todo, plan, slots, children, on_done)
+        run_all(todo, plan, slots, children, results.add)
     except KeyboardInterrupt:
         children.stop()
-        with lock:
-            write_results(out, list(outcomes.values()), kinds, seeds, info, args.compare)
+        results.write()
         raise
-    failed = [o for o in outcomes.values() if o.status != "ok"]
     print(f"\nresults: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
     print((out / "results.md").read_text())
+    failed = results.failed()
     if failed:
         names = ", ".join(f"{o.task.category} (seed {o.task.seed})" for o in failed)
         print(f"error: {len(failed)} of {len(tasks)} runs failed: {names}; see results.json and their logs",

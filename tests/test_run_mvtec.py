@@ -1,8 +1,9 @@
 """scripts/run_mvtec.py: all categories in one command, results tables, resume, failures, TIFF maps.
 
-One real run (the entry point in-process, its training and scoring subprocesses real) over a tiny root of three categories is shared by most
-tests: a synthetic texture (raw layout, its generator's marker says texture), a capsule in the prepared
-layout (an MVTec AD name: object), and a category without training images, which must fail alone.
+One real run (the entry point in-process, its training and scoring subprocesses real) over a tiny
+root of three categories is shared by most tests: a synthetic texture (raw layout, its generator's
+marker says texture), a capsule in the prepared layout (an MVTec AD name: object), and a category
+without training images, which must fail alone.
 The tiny model trains 2 epochs at 28 px on 32-56 px images.
 """
 import csv
@@ -231,7 +232,8 @@ def test_every_script_option_passes_through_and_parses_with_the_scripts_parsers(
     infer = main_infer.get_args_parser().parse_args(run_mvtec.infer_argv(plan, task, tmp_path / "ck.pth"))
     assert (train.model, train.input_size, train.epochs, train.lr, train.pin_mem, train.norm_pix_loss) == \
         ("mae_vit_small_patch7", 56, 3, 0.00015, False, True)
-    assert (train.batch_size, train.amp, train.pretrained, train.seed, train.resume) == (3, "none", "base.pth", 7, "auto")
+    assert (train.batch_size, train.amp, train.pretrained, train.seed, train.resume) == \
+        (3, "none", "base.pth", 7, "auto")
     assert train.wandb_name == "exp-cat-seed7" and train.output_dir == str(task.run_dir / "train")
     assert (infer.batch_size, infer.amp, infer.pretrained, infer.num_masks, infer.mask_pattern, infer.sigma) == \
         (3, "none", "base.pth", 2, "checkerboard", 2.5)
