@@ -594,7 +594,8 @@ class _Board:
 
     def __init__(self, size: int):
         self.size = s = size
-        self.pins = [(self.IC[0] + (i - 3) * self.PIN_PITCH, side) for side in (-1, 1) for i in range(7)]
+        self.pins = [(self.IC[0] + (i - 3) * self.PIN_PITCH, side)
+                     for side in (-1, 1) for i in range(7)]  # (x, -1 top / +1 bottom row)
         # traces resampled every half output pixel, so a union of discs draws them smoothly
         self.traces = []
         for poly in self.TRACES:
@@ -602,7 +603,17 @@ class _Board:
             seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
             t = np.concatenate([[0.0], np.cumsum(seg)])
             q = np.linspace(0.0, t[-1], max(2, int(t[-1] * 2)))
-            self.traces.append(np.stack([np.interp(q, t, pts[:, 0]), np.interp(q, t, pts[:, 1])], 1))
+            self.traces.append(np.stack([np.interp(q, t, pts[:, 0]),
+                                         np.interp(q, t, pts[:, 1])], 1))  # [k, 2]
+
+    def part_box(self, j: int, a0: float, a1: float, c0: float, c1: float
+                 ) -> Tuple[float, float, float, float]:
+        """A box on part j as (x0, y0, x1, y1) in fractions, given along (a) and across (c) the
+        part, relative to its centre."""
+        x, y, vertical = self.PARTS[j][:3]
+        if vertical:
+            return x + c0, y + a0, x + c1, y + a1
+        return x + a0, y + c0, x + a1, y + c1
 
     def pin_rect(self, i: int, length_extra: float = 0.0) -> Tuple[float, float, float, float]:
         """Pin i's lead as (x0, y0, x1, y1) in fractions: from inside the body to its tip."""
@@ -628,7 +639,8 @@ def _pcb_params(rng: np.random.Generator, b: _Board) -> dict:
         "theta": float(np.deg2rad(np.clip(rng.normal(0, 0.6), -1.4, 1.4))),
         "shift": np.clip(rng.normal(0, 0.008 * s, 2), -0.02 * s, 0.02 * s),
         # placement tolerance of each part and of the silkscreen print, output pixels / radians
-        "part_shift": np.clip(rng.normal(0, 0.003 * s, (len(b.PARTS) + 1, 2)), -0.009 * s, 0.009 * s),
+        "part_shift": np.clip(rng.normal(0, 0.003 * s, (len(b.PARTS) + 1, 2)),
+                              -0.009 * s, 0.009 * s),
         "part_turn": np.deg2rad(np.clip(rng.normal(0, 1.0, len(b.PARTS) + 1), -2.5, 2.5)),
         "silk_shift": rng.normal(0, 0.002 * s, 2),
         # etching makes trace widths wander slightly along each trace
@@ -659,12 +671,14 @@ def _pcb_defect_params(rng: np.random.Generator, defect: str, b: _Board) -> dict
         rx = (b.PIN_PITCH / 2 + b.PIN_W * rng.uniform(0.25, 0.5)) * s
         ry = rng.uniform(0.010, 0.016) * s
         wob = 1 + rng.normal(0, 0.06, 24)
-        p["poly"] = np.stack([centre[0] + rx * wob * np.cos(t), centre[1] + ry * wob * np.sin(t)], 1)
+        p["poly"] = np.stack([centre[0] + rx * wob * np.cos(t),
+                              centre[1] + ry * wob * np.sin(t)], 1)
     elif defect == "scratch":
         # through a trace, so it crosses both bare mask and copper
         tr = b.traces[int(rng.integers(len(b.traces)))]
         c = tr[int(rng.integers(len(tr) // 4, max(len(tr) // 4 + 1, 3 * len(tr) // 4)))]
-        path = _smooth_path(rng, c, rng.uniform(0, 2 * np.pi), 10, rng.uniform(0.018, 0.03) * s, 0.05)
+        path = _smooth_path(rng, c, rng.uniform(0, 2 * np.pi), 10,
+                            rng.uniform(0.018, 0.03) * s, 0.05)
         p.update(path=path - (path[-1] - path[0]) / 2, width=rng.uniform(0.004, 0.007) * s)
     elif defect == "contamination":
         c = rng.uniform(0.15, 0.85, 2) * s
@@ -672,7 +686,8 @@ def _pcb_defect_params(rng: np.random.Generator, defect: str, b: _Board) -> dict
             k = np.arange(1, 5)
             amp, ph = rng.normal(0, 0.15, 4) / k, rng.uniform(0, 2 * np.pi, 4)
             t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
-            r = rng.uniform(0.03, 0.05) * s * (1 + (amp[None] * np.cos(k[None] * t[:, None] + ph[None])).sum(1))
+            wobble = (amp[None] * np.cos(k[None] * t[:, None] + ph[None])).sum(1)
+            r = rng.uniform(0.03, 0.05) * s * (1 + wobble)
             p.update(stain=np.stack([c[0] + r * np.cos(t), c[1] + r * np.sin(t)], 1))
         else:  # a dark dust fibre lying on the board
             p.update(fibre=_smooth_path(rng, c, rng.uniform(0, 2 * np.pi), 12,
@@ -686,8 +701,9 @@ def _pcb_defect_params(rng: np.random.Generator, defect: str, b: _Board) -> dict
         d = d / max(np.linalg.norm(d), 1e-9)
         n = np.array([-d[1], d[0]])
         gap, across = rng.uniform(0.012, 0.025) * s / 2, b.TRACE_W * s
-        corners = [tr[j] + sa * gap * d + sb * across * n for sa, sb in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
-        p.update(poly=np.asarray(corners) + rng.normal(0, 0.08 * gap, (4, 2)), trace=k)
+        corners = [tr[j] + sa * gap * d + sb * across * n
+                   for sa, sb in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+        p.update(poly=np.asarray(corners) + rng.normal(0, 0.08 * gap, (4, 2)))
     return p
 
 
@@ -702,156 +718,168 @@ def _paint(col: Array, cov: Array, colour) -> None:
     flat[idx] = cur + cov.reshape(-1)[idx, None] * (target - cur)
 
 
-def _render_pcb(b: _Board, p: dict, d: Optional[dict]) -> Array:
-    """-> colour [S, S, 3] of the board before lighting, blur and noise."""
-    s, ss = b.size, b.SS
-    n = s * ss
-    kind = d["defect"] if d else None
-    ct, st = np.cos(p["theta"]), np.sin(p["theta"])
+class _Pose:
+    """Where one image puts the board design: its shift and turn, drawn at SS resolution."""
 
-    def to_ss(pts, off=(0.0, 0.0), turn=0.0, pivot=None) -> List[Tuple[float, float]]:
+    def __init__(self, b: _Board, p: dict):
+        self.s, self.ss, self.theta, self.shift = b.size, b.SS, p["theta"], p["shift"]
+
+    def to_ss(self, pts, off=(0.0, 0.0), turn: float = 0.0, pivot=None
+              ) -> List[Tuple[float, float]]:
         """Board points [k, 2] in output pixels -> image coordinates at SS resolution; a part's
         own tolerance (offset, turn about its pivot) is applied first."""
+        s, ct, st = self.s, np.cos(self.theta), np.sin(self.theta)
         pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
         if turn:
             c, sn = np.cos(turn), np.sin(turn)
             q = pts - pivot
             pts = pivot + np.stack([c * q[:, 0] - sn * q[:, 1], sn * q[:, 0] + c * q[:, 1]], 1)
         q = pts + np.asarray(off) - s / 2
-        x = s / 2 + ct * q[:, 0] - st * q[:, 1] + p["shift"][0]
-        y = s / 2 + st * q[:, 0] + ct * q[:, 1] + p["shift"][1]
-        return list(zip((x * ss).tolist(), (y * ss).tolist()))
+        x = s / 2 + ct * q[:, 0] - st * q[:, 1] + self.shift[0]
+        y = s / 2 + st * q[:, 0] + ct * q[:, 1] + self.shift[1]
+        return list(zip((x * self.ss).tolist(), (y * self.ss).tolist()))
 
-    def rect(x0, y0, x1, y1, **kw) -> List[Tuple[float, float]]:
-        return to_ss(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) * s, **kw)
+    def rect(self, x0: float, y0: float, x1: float, y1: float, **tol) -> List[Tuple[float, float]]:
+        """Corners of a rectangle given in fractions of the side."""
+        return self.to_ss(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) * self.s, **tol)
 
-    def disc(draw, centre, r) -> None:
-        (x, y), = to_ss(centre)
-        draw.ellipse((x - r * ss, y - r * ss, x + r * ss, y + r * ss), fill=255)
+    def disc(self, draw: ImageDraw.ImageDraw, centre: Tuple[float, float], r: float) -> None:
+        """A filled circle; centre and radius in fractions of the side."""
+        (x, y), = self.to_ss(np.asarray(centre) * self.s)
+        r = r * self.s * self.ss
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
 
-    def text(layer: Image.Image, words: str, centre, frac: float, off=(0.0, 0.0)) -> None:
-        font = _font(max(6, int(round(frac * s * ss))))
+    def text(self, layer: Image.Image, words: str, centre: Tuple[float, float], height: float,
+             off=(0.0, 0.0)) -> None:
+        """Print words centred at centre (fractions), turned with the board."""
+        font = _font(max(6, int(round(height * self.s * self.ss))))
         box = font.getbbox(words)
         im, dr = _layer((box[3] - box[1] + 4, box[2] - box[0] + 4))
         dr.text((2 - box[0], 2 - box[1]), words, fill=255, font=font)
-        im = im.rotate(-np.rad2deg(p["theta"]), resample=Image.BILINEAR, expand=True)
-        (x, y), = to_ss(np.asarray(centre) * s, off=off)
+        im = im.rotate(-np.rad2deg(self.theta), resample=Image.BILINEAR, expand=True)
+        (x, y), = self.to_ss(np.asarray(centre) * self.s, off=off)
         layer.paste(im, (int(round(x - im.width / 2)), int(round(y - im.height / 2))), mask=im)
 
-    shape = (n, n)
-    trace_img, trace_dr = _layer(shape)
-    for tr, w in zip(b.traces, p["trace_w"]):
-        r = b.TRACE_W * s / 2 * w
-        for (x, y), rk in zip(to_ss(tr), r):
-            trace_dr.ellipse((x - rk * ss, y - rk * ss, x + rk * ss, y + rk * ss), fill=255)
-    trace = _coverage(trace_img)
-    if kind == "broken_trace":  # etched away across the whole trace: the mask lies on bare laminate
-        cut_img, cut_dr = _layer(shape)
-        cut_dr.polygon(to_ss(d["poly"]), fill=255)
-        trace = trace * (1 - _coverage(cut_img))
 
-    pad_img, pad_dr = _layer(shape)  # bare, tinned copper
-    hole_img, hole_dr = _layer(shape)
-    silk_img, silk_dr = _layer(shape)
-    body = {key: _layer(shape) for key in ("R", "C", "IC")}
-    cap_img, cap_dr = _layer(shape)  # metal of the parts: end caps and IC leads
-    ic_ink_img, _ = _layer(shape)
+def _draw_board(b: _Board, pose: _Pose, p: dict, d: Optional[dict]) -> Dict[str, Array]:
+    """Coverage layers [n, n] of the board at SS resolution: trace (copper under the mask), pad
+    (bare tinned copper), hole, silk, R / C / IC (part bodies), ink (IC marking), caps (end caps
+    and leads), plus the defect's own layer under its name (not for missing_component)."""
+    s, ss, n = b.size, b.SS, b.size * b.SS
+    kind = d["defect"] if d else None
+    names = ("trace", "pad", "hole", "silk", "R", "C", "IC", "ink", "caps") + \
+        ((kind,) if kind not in (None, "missing_component") else ())
+    layers = {name: _layer((n, n)) for name in names}
+    draw = {name: dr for name, (_, dr) in layers.items()}
+    for tr, w in zip(b.traces, p["trace_w"]):
+        for (x, y), r in zip(pose.to_ss(tr), b.TRACE_W * s / 2 * ss * w):
+            draw["trace"].ellipse((x - r, y - r, x + r, y + r), fill=255)
     for i in range(len(b.pins)):
         x0, y0, x1, y1 = b.pin_rect(i, 0.02)
-        pad_dr.polygon(rect(x0 - 0.003, y0, x1 + 0.003, y1), fill=255)
-    for x, y in b.VIAS:
-        disc(pad_dr, np.array([x, y]) * s, 0.018 * s)
-        disc(hole_dr, np.array([x, y]) * s, 0.008 * s)
-    disc(pad_dr, np.array([0.93, 0.93]) * s, 0.014 * s)  # fiducial
+        draw["pad"].polygon(pose.rect(x0 - 0.003, y0, x1 + 0.003, y1), fill=255)
+    for centre in b.VIAS:
+        pose.disc(draw["pad"], centre, 0.018)
+        pose.disc(draw["hole"], centre, 0.008)
+    pose.disc(draw["pad"], (0.93, 0.93), 0.014)  # fiducial
     silk = dict(off=p["silk_shift"])
+    silk_w = max(1, int(0.006 * s * ss))
+    half_l, half_w = b.PART_L / 2, b.PART_W / 2
     for j, (x, y, vertical, part, label) in enumerate(b.PARTS):
-        half_l, half_w = b.PART_L / 2, b.PART_W / 2
-
-        def box(a0, a1, c0, c1):  # a along the part, c across, fractions relative to its centre
-            if vertical:
-                return x + c0, y + a0, x + c1, y + a1
-            return x + a0, y + c0, x + a1, y + c1
-
         for sgn in (-1, 1):
-            pad_dr.polygon(rect(*box(sgn * b.PAD_OFF - 0.0175, sgn * b.PAD_OFF + 0.0175, -0.0325, 0.0325)),
-                           fill=255)
+            draw["pad"].polygon(pose.rect(*b.part_box(j, sgn * b.PAD_OFF - 0.0175,
+                                                      sgn * b.PAD_OFF + 0.0175, -0.0325, 0.0325)),
+                                fill=255)
         for sgn in (-1, 1):  # silkscreen: the two long sides of the outline, beside the pads
-            a = np.array(box(-0.08, 0.08, sgn * 0.05, sgn * 0.05)).reshape(2, 2) * s
-            silk_dr.line(to_ss(a, **silk), fill=255, width=max(1, int(0.006 * s * ss)))
+            side = np.array(b.part_box(j, -0.08, 0.08, sgn * 0.05, sgn * 0.05)).reshape(2, 2) * s
+            draw["silk"].line(pose.to_ss(side, **silk), fill=255, width=silk_w)
         lab = np.array([x, y]) + (np.array([0.085, 0.0]) if vertical else np.array([0.0, -0.065]))
-        text(silk_img, label, lab, 0.05, **silk)
+        pose.text(layers["silk"][0], label, lab, 0.05, **silk)
         if kind == "missing_component" and d["part"] == j:
             continue
         tol = dict(off=p["part_shift"][j], turn=p["part_turn"][j], pivot=np.array([x, y]) * s)
-        _, bdr = body[part]
-        bdr.polygon(rect(*box(-half_l, half_l, -half_w, half_w), **tol), fill=255)
+        draw[part].polygon(pose.rect(*b.part_box(j, -half_l, half_l, -half_w, half_w), **tol),
+                           fill=255)
         for sgn in (-1, 1):
             lo, hi = sorted((sgn * half_l, sgn * (half_l - b.CAP_L)))
-            cap_dr.polygon(rect(*box(lo, hi, -half_w, half_w), **tol), fill=255)
+            draw["caps"].polygon(pose.rect(*b.part_box(j, lo, hi, -half_w, half_w), **tol),
+                                 fill=255)
     cx, cy, bw, bh = b.IC
     tol = dict(off=p["part_shift"][-1], turn=p["part_turn"][-1], pivot=np.array([cx, cy]) * s)
-    body["IC"][1].polygon(rect(cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2, **tol), fill=255)
+    draw["IC"].polygon(pose.rect(cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2, **tol),
+                       fill=255)
     for i in range(len(b.pins)):
-        cap_dr.polygon(rect(*b.pin_rect(i), **tol), fill=255)
-    ImageDraw.Draw(ic_ink_img).ellipse(
-        [v for xy in to_ss(np.array([[cx - bw / 2 + 0.02, cy + bh / 2 - 0.045],
-                                     [cx - bw / 2 + 0.045, cy + bh / 2 - 0.02]]) * s, **tol) for v in xy],
-        fill=150)  # pin-1 mark
-    text(ic_ink_img, "MX7A 2541", (cx, cy - 0.02), 0.04, off=tol["off"])
-    silk_dr.line(to_ss(np.array([[cx - bw / 2 - 0.02, cy - 0.05], [cx - bw / 2 - 0.02, cy + 0.05]]) * s, **silk),
-                 fill=255, width=max(1, int(0.006 * s * ss)))
-    text(silk_img, "U1", (cx - bw / 2 - 0.06, cy), 0.05, **silk)
-    text(silk_img, "MAE-AD REV.B", (0.30, 0.965), 0.045, **silk)
+        draw["caps"].polygon(pose.rect(*b.pin_rect(i), **tol), fill=255)
+    dot = pose.to_ss(np.array([[cx - bw / 2 + 0.02, cy + bh / 2 - 0.045],
+                               [cx - bw / 2 + 0.045, cy + bh / 2 - 0.02]]) * s, **tol)
+    draw["ink"].ellipse(dot, fill=150)  # pin-1 mark
+    pose.text(layers["ink"][0], "MX7A 2541", (cx, cy - 0.02), 0.04, off=tol["off"])
+    u1 = np.array([[cx - bw / 2 - 0.02, cy - 0.05], [cx - bw / 2 - 0.02, cy + 0.05]]) * s
+    draw["silk"].line(pose.to_ss(u1, **silk), fill=255, width=silk_w)
+    pose.text(layers["silk"][0], "U1", (cx - bw / 2 - 0.06, cy), 0.05, **silk)
+    pose.text(layers["silk"][0], "MAE-AD REV.B", (0.30, 0.965), 0.045, **silk)
+    if kind in ("broken_trace", "solder_bridge"):
+        draw[kind].polygon(pose.to_ss(d["poly"]), fill=255)
+    elif kind == "scratch":
+        draw[kind].line(pose.to_ss(d["path"]), fill=255, width=max(1, int(round(d["width"] * ss))),
+                        joint="curve")
+    elif kind == "contamination" and "stain" in d:
+        draw[kind].polygon(pose.to_ss(d["stain"]), fill=255)
+    elif kind == "contamination":
+        draw[kind].line(pose.to_ss(d["fibre"]), fill=255, width=max(1, int(round(d["width"] * ss))),
+                        joint="curve")
+    return {name: _coverage(img) for name, (img, _) in layers.items()}
 
+
+def _render_pcb(b: _Board, p: dict, d: Optional[dict]) -> Tuple[Array, Array]:
+    """-> colour [S, S, 3] of the board before lighting, blur and noise, and its metal
+    coverage [S, S] (shiny: it takes more of the reflection)."""
+    ss, n = b.SS, b.size * b.SS
+    kind = d["defect"] if d else None
+    cov = _draw_board(b, _Pose(b, p), p, d)
+    trace = cov["trace"]
+    if kind == "broken_trace":  # etched away across the whole trace: the mask lies on bare laminate
+        trace = trace * (1 - cov[kind])
     col = np.empty((n, n, 3), np.float32)
     col[:] = p["mask"]
     _paint(col, trace, p["mask"] * np.array([1.55, 1.30, 1.25]))  # copper under the green mask
     if kind == "broken_trace":  # the cut edges of the copper leave a dark rim
-        rim = np.clip(ndimage.gaussian_filter(_coverage(cut_img), 0.5 * ss) - _coverage(cut_img), 0, 1)
+        rim = np.clip(ndimage.gaussian_filter(cov[kind], 0.5 * ss) - cov[kind], 0, 1)
         col = col * (1 - 0.5 * rim[..., None])
-    pad = _coverage(pad_img)
-    _paint(col, pad, p["metal"] * 0.95)
-    _paint(col, _coverage(hole_img), (0.03, 0.03, 0.03))
-    _paint(col, _coverage(silk_img) * 0.92, (0.93, 0.93, 0.88))
-    parts = _coverage(body["R"][0]) + _coverage(body["C"][0]) + _coverage(body["IC"][0])
-    caps = _coverage(cap_img)
+    _paint(col, cov["pad"], p["metal"] * 0.95)
+    _paint(col, cov["hole"], (0.03, 0.03, 0.03))
+    _paint(col, cov["silk"] * 0.92, (0.93, 0.93, 0.88))
+    parts = cov["R"] + cov["C"] + cov["IC"]
     # parts stand above the board: a soft shadow down-right of them
-    shadow = np.roll(ndimage.gaussian_filter(np.clip(parts + caps, 0, 1), 0.8 * ss), (ss, ss), (0, 1))
+    shadow = np.roll(ndimage.gaussian_filter(np.clip(parts + cov["caps"], 0, 1), 0.8 * ss),
+                     (ss, ss), (0, 1))
     col = col * (1 - 0.45 * shadow[..., None])
-    _paint(col, _coverage(body["R"][0]), (0.07, 0.07, 0.07))
-    _paint(col, _coverage(body["C"][0]), (0.60, 0.48, 0.33))
-    _paint(col, _coverage(body["IC"][0]), (0.11, 0.11, 0.12))
-    _paint(col, _coverage(ic_ink_img) * 0.8, (0.32, 0.32, 0.32))
-    _paint(col, caps, p["metal"])
-    metal = np.clip(pad + caps, 0, 1)
+    _paint(col, cov["R"], (0.07, 0.07, 0.07))
+    _paint(col, cov["C"], (0.60, 0.48, 0.33))
+    _paint(col, cov["IC"], (0.11, 0.11, 0.12))
+    _paint(col, cov["ink"] * 0.8, (0.32, 0.32, 0.32))
+    _paint(col, cov["caps"], p["metal"])
+    metal = np.clip(cov["pad"] + cov["caps"], 0, 1)
     if kind == "solder_bridge":
-        blob_img, blob_dr = _layer(shape)
-        blob_dr.polygon(to_ss(d["poly"]), fill=255)
-        blob = _coverage(blob_img)
+        blob = cov[kind]
         dome = ndimage.gaussian_filter(blob, 1.0 * ss)  # a rounded blob: bright crest, darker rim
         _paint(col, blob, p["metal"] * (0.55 + 0.6 * dome[..., None]))
         metal = np.maximum(metal, blob)
     elif kind == "scratch":
-        sc_img, sc_dr = _layer(shape)
-        sc_dr.line(to_ss(d["path"]), fill=255, width=max(1, int(round(d["width"] * ss))), joint="curve")
-        sc = _coverage(sc_img) * (1 - np.clip(parts + caps, 0, 1))
+        sc = cov[kind] * (1 - np.clip(parts + cov["caps"], 0, 1))
         # through the mask: bright copper on a trace, pale scuffed mask elsewhere
         target = trace[..., None] * np.array([0.85, 0.55, 0.35], np.float32) + \
             (1 - trace[..., None]) * np.array([0.45, 0.62, 0.48], np.float32)
         col = col + (0.85 * sc)[..., None] * (target - col)
+    elif kind == "contamination" and "stain" in d:
+        soft = ndimage.gaussian_filter(cov[kind], 1.2 * ss)
+        col = col * (1 - soft[..., None] * np.array([0.35, 0.55, 0.70], np.float32))
     elif kind == "contamination":
-        c_img, c_dr = _layer(shape)
-        if "stain" in d:
-            c_dr.polygon(to_ss(d["stain"]), fill=255)
-            soft = ndimage.gaussian_filter(_coverage(c_img), 1.2 * ss)
-            col = col * (1 - soft[..., None] * np.array([0.35, 0.55, 0.70], np.float32))
-        else:
-            c_dr.line(to_ss(d["fibre"]), fill=255, width=max(1, int(round(d["width"] * ss))), joint="curve")
-            _paint(col, _coverage(c_img) * 0.9, (0.06, 0.05, 0.04))
+        _paint(col, cov[kind] * 0.9, (0.06, 0.05, 0.04))
     out = _box_down(col, ss)
     metal = _box_down(metal, ss)
     # glass-fibre weave shows faintly through the mask; metal has its own grainy sheen
-    weave = ndimage.gaussian_filter(p["grain"][0], (0.5, 2.5)) + ndimage.gaussian_filter(p["grain"][1], (2.5, 0.5))
+    weave = (ndimage.gaussian_filter(p["grain"][0], (0.5, 2.5))
+             + ndimage.gaussian_filter(p["grain"][1], (2.5, 0.5)))
     tex = (1 - metal) * (0.10 * weave + 0.05 * p["blotch"]) + metal * 0.12 * p["metal_var"]
     return out * (1 + tex[..., None]), metal
 
@@ -866,7 +894,8 @@ def _pcb_image(b: _Board, rng: np.random.Generator, defect: Optional[str]
     light = light * (1 + rng.uniform(0.05, 0.15) * (np.cos(ang) * x + np.sin(ang) * y))[..., None]
     hx, hy = rng.uniform(-0.6, 0.6, 2)
     hr, hk = rng.uniform(0.25, 0.5), rng.uniform(0.06, 0.14)
-    highlight = (hk * np.exp(-((x - hx) ** 2 + (y - hy) ** 2) / hr ** 2))[..., None]  # a soft reflection
+    # a soft reflection of the lamp, strongest on metal
+    highlight = (hk * np.exp(-((x - hx) ** 2 + (y - hy) ** 2) / hr ** 2))[..., None]
     read = rng.normal(0, 1.5 / 255, (s, s, 3)).astype(np.float32)
     shot = rng.normal(0, 1, (s, s, 3)).astype(np.float32)
 
