@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from engine import evaluate, train_one_epoch
 from lora_utils import LORA_TARGETS, freeze_non_lora, is_lora_name, parameter_table, unmerged_state_dict
 from models_mae import MODELS, AnomalyScorer, create_model
+from scoring import ScoringOptions, holdout_error_maps, make_calibration
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
 from util.cli import UserError, run_cli, warn
@@ -301,7 +302,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                    epoch: int, options: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
+                    epoch: int, options: dict[str, Any], rng: list[dict[str, Any]],
+                    calibration: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The training state; `calibration` (scoring.make_calibration) is added to the final checkpoint."""
     return {
         "model": unmerged_state_dict(model),
         "optimizer": optimizer.state_dict(),
@@ -309,7 +312,27 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         "epoch": epoch,
         "args": options,
         "rng": rng,  # one entry per rank
+        **({"calibration": calibration} if calibration is not None else {}),
     }
+
+
+def calibrate(model: nn.Module, data_path: str, holdout_files: list[str], device: torch.device,
+              amp_dtype: Optional[torch.dtype], batch_size: int) -> dict[str, Any]:
+    """Held-out normal maps and the threshold for the default scoring options (scoring.py), on the
+    (unwrapped) model; the model is back in train mode after."""
+    start = time.perf_counter()
+    options = ScoringOptions()
+    try:
+        maps = holdout_error_maps(model, data_path, holdout_files, options, device, amp_dtype,
+                                  batch_size=max(1, batch_size // 4))
+    finally:
+        model.train(True)
+    calibration = make_calibration(maps, holdout_files, model.img_size, options)
+    threshold = calibration["threshold"]
+    print(f"calibrated on {len(holdout_files)} held-out images in {time.perf_counter() - start:.1f}s: image threshold "
+          f"{threshold['image']:.4g} ({options.image_map}, quantile {options.image_quantile:g}), pixel threshold "
+          f"{threshold['pixel']:.4g} ({options.pixel_map})")
+    return calibration
 
 
 def find_resume(resume: str, output_dir: str, verbose: bool) -> Optional[Path]:
@@ -505,7 +528,9 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
             if numbered or last:
                 rng = dist_util.all_gather_objects(rng_state())  # every rank's streams, for an exact resume
                 if is_main:
-                    ckpt = make_checkpoint(model, optimizer, scaler, epoch, options, rng)
+                    calibration = calibrate(model, args.data_path, options["holdout_files"], device, amp_dtype,
+                                            args.batch_size) if last and options["holdout_files"] else None
+                    ckpt = make_checkpoint(model, optimizer, scaler, epoch, options, rng, calibration)
                     if numbered:
                         save_atomic(ckpt, out / f"checkpoint-{epoch}.pth")
                     save_atomic(ckpt, out / "checkpoint-last.pth")
