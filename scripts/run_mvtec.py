@@ -59,7 +59,7 @@ REFERENCE_FILE = REPO / "docs" / "REFERENCE_RESULTS.md"
 
 # Options each category gets from the runner, not from the command line.
 TRAIN_PER_CATEGORY = ("data_path", "output_dir", "log_dir", "resume", "start_epoch", "seed")
-INFER_PER_CATEGORY = ("checkpoint", "data_path", "images", "output_dir", "split", "save_tiff")
+INFER_PER_CATEGORY = ("checkpoint", "data_path", "images", "output_dir", "split", "save_tiff", "holdout_root")
 # Options that change how a run goes, not what it computes: a rerun may change them.
 NOT_RESULT_OPTIONS = ("num_workers", "pin_mem", "print_freq", "debug", "device", "wandb_name", "compile")
 
@@ -430,7 +430,8 @@ def add_train_time(run_dir: Path, seconds: float) -> dict[str, Any]:
 
 
 def export_category_adapter(checkpoint_path: Path, adapter_path: Path) -> None:
-    """Write the checkpoint's trainable tensors (LoRA and re-initialised ones) as an adapter file."""
+    """Write the checkpoint's trainable tensors (LoRA and re-initialised ones) and its calibration as an
+    adapter file."""
     from lora_utils import export_adapter
     from util.checkpoint import read_checkpoint, state_dict_of
 
@@ -441,7 +442,8 @@ def export_category_adapter(checkpoint_path: Path, adapter_path: Path) -> None:
         options["lora_alpha"], options["lora_dropout"], options["lora_targets"], options["pretrained"],
         options["patch_embed_init"], options["freeze_non_lora"], verbose=False)
     model.load_state_dict(state_dict_of(checkpoint, checkpoint_path), strict=True)
-    export_adapter(model, adapter_path, options)
+    calibration = checkpoint.get("calibration")  # the held-out normal maps and thresholds: scoring needs them
+    export_adapter(model, adapter_path, options, extra={"calibration": calibration} if calibration else None)
 
 
 def remove_full_checkpoints(train_dir: Path) -> None:

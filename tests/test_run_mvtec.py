@@ -58,7 +58,7 @@ def run_runner(*argv: str) -> Finished:
 def mvtec_root(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("mvtec")
     root = base / "root"
-    make_category(root / "texture_synth", seed=1, size=32, n_train=4, n_test_good=2, n_per_defect=1, kind="texture")
+    make_category(root / "texture_synth", seed=1, size=32, n_train=10, n_test_good=2, n_per_defect=1, kind="texture")
     make_category(base / "capsule_raw", seed=2, size=56, n_train=4, n_test_good=2, n_per_defect=1)
     prepare(base / "capsule_raw", root / "capsule", log=lambda msg: None)
     (root / "broken" / "train" / "good").mkdir(parents=True)  # no training images: fails in main_train.py
@@ -207,7 +207,7 @@ def test_pretrained_frozen_base_keeps_only_the_adapter(mvtec_root, tmp_path):
     assert sorted(p.name for p in train.glob("*.pth")) == [run_mvtec.ADAPTER_FILE]
     adapter = torch.load(train / run_mvtec.ADAPTER_FILE, weights_only=True)
     assert adapter["args"]["pretrained"] == str(base)
-    assert any(k.endswith("lora_A") for k in adapter["adapter"])
+    assert any(k.endswith("lora_A") for k in adapter["adapter"]) and "threshold" in adapter["calibration"]
     assert not any(k.startswith("blocks.0.attn.qkv.weight") for k in adapter["adapter"])  # frozen: in the base
     assert json.loads((out / "texture_synth" / "result.json").read_text())["checkpoint"] == "train/adapter.pth"
 
