@@ -412,12 +412,26 @@ class Children:
                 proc.kill()
 
 
-def last_error(log_path: Path, code: int) -> str:
-    """The subprocess's one-line error (util.cli prints 'error: ...'), else its last line."""
-    lines = [ln.strip() for ln in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
+# exit codes of a subprocess stopped by Ctrl-C or SIGTERM (util.cli's 130, or the signal itself)
+INTERRUPTED = (130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def run_stage(children: Children, cmd: list[str], env: dict[str, str], log_path: Path, echo: bool) -> Optional[str]:
+    """Run one subprocess: None when it succeeded, else its one-line error; an interrupted one raises
+    KeyboardInterrupt (the task stays pending: a rerun resumes it)."""
+    since = log_path.stat().st_size if log_path.is_file() else 0
+    code = children.run(cmd, env, log_path, echo)
+    if code == 0:
+        return None
+    if code in INTERRUPTED or children.stopping:
+        raise KeyboardInterrupt
     if code < 0:
         return f"killed by signal {-code}"
+    with open(log_path, "rb") as f:  # this attempt's output only: the log keeps earlier attempts
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]  # util.cli's one-line error
     return (errors or lines or [f"exit code {code}"])[-1].removeprefix("error: ")
 
 
@@ -464,10 +478,13 @@ def run_task(task: Task, plan: Plan, gpus: Optional[str], children: Children) ->
     if plan.threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(plan.threads))
     start = time.perf_counter()
-    code = children.run(train_command(train_argv(plan, task), plan.nproc), env, run_dir / "train.log", plan.echo)
-    timing = add_train_time(run_dir, time.perf_counter() - start)
-    if code != 0:
-        return Outcome(task, "failed", stage="train", error=last_error(run_dir / "train.log", code))
+    try:
+        error = run_stage(children, train_command(train_argv(plan, task), plan.nproc), env, run_dir / "train.log",
+                          plan.echo)
+    finally:  # an interrupted attempt counts too
+        timing = add_train_time(run_dir, time.perf_counter() - start)
+    if error:
+        return Outcome(task, "failed", stage="train", error=error)
     checkpoint = train_dir / "checkpoint-last.pth"
     if plan.adapter_only:
         try:
@@ -475,10 +492,10 @@ def run_task(task: Task, plan: Plan, gpus: Optional[str], children: Children) ->
         except Exception as e:  # noqa: BLE001 - any failure fails this category only
             return Outcome(task, "failed", stage="adapter", error=" ".join(str(e).split()))
         checkpoint = train_dir / ADAPTER_FILE
-    code = children.run([sys.executable, str(REPO / "main_infer.py"), *infer_argv(plan, task, checkpoint)], env,
-                        run_dir / "score.log", plan.echo)
-    if code != 0:
-        return Outcome(task, "failed", stage="score", error=last_error(run_dir / "score.log", code))
+    error = run_stage(children, [sys.executable, str(REPO / "main_infer.py"), *infer_argv(plan, task, checkpoint)],
+                      env, run_dir / "score.log", plan.echo)
+    if error:
+        return Outcome(task, "failed", stage="score", error=error)
     metrics, infer_options = read_json(run_dir / "metrics.json"), read_json(run_dir / "args.json")
     record = {
         "category": task.category, "seed": task.seed,
