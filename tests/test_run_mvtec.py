@@ -294,3 +294,16 @@ def test_save_tiff_needs_a_labelled_category(tmp_path):
         ["--checkpoint", "x.pth", "--images", str(images), "--output_dir", str(tmp_path / "o"), "--save_tiff"])
     with pytest.raises(UserError, match="--save_tiff needs --data_path"):
         main_infer.main(args)
+
+
+def test_several_seeds_give_mean_and_std_per_category_and_for_the_mean_row(tmp_path):
+    values = {("wood", 0): 0.90, ("wood", 1): 0.80, ("screw", 0): 0.70, ("screw", 1): 0.50}
+    records = [{"category": c, "seed": s, **{m[0]: v for m in run_mvtec.METRICS}, "train_minutes": 1.0,
+                "score_ms_per_image": 2.0, "epochs": 3} for (c, s), v in values.items()]
+    kinds = {"wood": "texture", "screw": "object"}
+    rows = run_mvtec.table_rows(records, kinds)
+    assert [r["category"] for r in rows] == ["wood", "screw", "Mean"]
+    text = run_mvtec.results_markdown(rows, [], [0, 1], None)
+    assert "| wood | texture | 85.0 ± 7.1 |" in text  # sample std of 90 and 80
+    assert "| **Mean** |  | 72.5 ± 10.6 |" in text  # per-seed means 80 and 65
+    assert len(run_mvtec.results_csv(records, kinds).splitlines()) == 1 + 4
