@@ -542,7 +542,10 @@ def run_all(tasks: list[Task], plan: Plan, slots: list[Optional[str]], children:
             try:
                 outcome = run_task(task, plan, gpus, children)
             except KeyboardInterrupt:
-                return
+                if children.stopping:
+                    return
+                # its subprocess alone was stopped (SIGINT/SIGTERM from outside): the others go on
+                outcome = Outcome(task, "pending", stage="interrupted", error="stopped; a rerun resumes it")
             except Exception as e:  # noqa: BLE001 - the runner's own failure for this task: report, go on
                 outcome = Outcome(task, "failed", stage="runner", error=f"{type(e).__name__}: {e}")
             on_done(outcome)
@@ -725,7 +728,8 @@ class Results:
                   f"{_pct(r['pixel_auroc'])}, AUPRO {_pct(r['aupro'])}; {r['train_minutes']:.1f} min training",
                   flush=True)
         else:
-            print(f"{task.category} (seed {task.seed}): FAILED in {outcome.stage}: {outcome.error}", flush=True)
+            print(f"{task.category} (seed {task.seed}): {outcome.status.upper()} in {outcome.stage}: {outcome.error}",
+                  flush=True)
 
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes.values() if o.status != "ok"]
@@ -806,7 +810,7 @@ def main(args: argparse.Namespace) -> int:
     failed = results.failed()
     if failed:
         names = ", ".join(f"{o.task.category} (seed {o.task.seed})" for o in failed)
-        print(f"error: {len(failed)} of {len(tasks)} runs failed: {names}; see results.json and their logs",
+        print(f"error: {len(failed)} of {len(tasks)} runs did not finish: {names}; see results.json and their logs",
               file=sys.stderr)
         return 1
     return 0
