@@ -129,8 +129,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                 continue
             shared = bool(other & set(action.option_strings))
             clone = copy.copy(action)
-            if clone.help and action.nargs != 0 and action.default is not None and "default" not in clone.help:
-                clone.help += f" (default: {str(action.default).replace('%', '%%')})"
+            default_text = str(action.default).replace("%", "%%")
+            if clone.help and "%(default)s" in clone.help:  # the clone's default is SUPPRESS: spell it out
+                clone.help = clone.help.replace("%(default)s", default_text)
+            elif clone.help and action.nargs != 0 and action.default is not None and "default" not in clone.help:
+                clone.help += f" (default: {default_text})"
             clone.default, clone.required = argparse.SUPPRESS, False  # only what the user gives is passed on
             # argparse has no public way to add an existing Action; _add_action is what add_argument ends with
             groups["both" if shared else owner]._add_action(clone)

@@ -214,6 +214,7 @@ def test_pretrained_frozen_base_keeps_only_the_adapter(mvtec_root, tmp_path):
 
 def test_every_script_option_passes_through_and_parses_with_the_scripts_parsers(tmp_path):
     parser = run_mvtec.get_args_parser()
+    assert "--num_masks" in parser.format_help() and "%(default)" not in parser.format_help()  # --help works
     parsers = run_mvtec.script_parsers()
     runner_flags = {s for a in parser._actions for s in a.option_strings}
     for name, per_category in (("train", run_mvtec.TRAIN_PER_CATEGORY), ("infer", run_mvtec.INFER_PER_CATEGORY)):
