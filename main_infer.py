@@ -265,7 +265,8 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
     try:
         scorer, threshold = build_calibrated_scorer(model, options, maps)
     except ValueError as e:
-        raise UserError(f"scoring options {options.to_dict()} do not fit this model ({model.img_size} px, "
+        flags = " ".join(f"--{k} {v}" for k, v in options.to_dict().items() if k not in ("image_quantile", "pixel_quantile"))
+        raise UserError(f"{flags} do not fit this model ({model.img_size} px, "
                         f"{model.grid_size}x{model.grid_size} patch grid): {e}") from e
     if threshold is not None:
         threshold.source = "holdout"
