@@ -24,8 +24,8 @@ from engine import collect_error_maps  # noqa: E402
 from main_infer import build_model  # noqa: E402
 from models_mae import AnomalyScorer  # noqa: E402
 from scoring import ScoringOptions, calibration_matches, holdout_error_maps  # noqa: E402
+from util import calibration  # noqa: E402
 from util.calibration import MAP_CHOICES, MapSpec, fit_level, fit_threshold, image_scores, level_map  # noqa: E402
-from util.checkpoint import read_checkpoint  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items  # noqa: E402
 from util.metrics import aupro, auroc, pixel_auroc, threshold_metrics  # noqa: E402
@@ -40,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", default=",".join(MAP_CHOICES), help="comma-separated recipes (default: all)")
     p.add_argument("--image_quantiles", default="0.9,0.95,0.99,1.0", help="threshold quantiles to report")
     p.add_argument("--pixel_quantile", type=float, default=ScoringOptions.pixel_quantile)
+    p.add_argument("--std_floors", default=str(calibration.STD_FLOOR),
+                   help="comma-separated floors of the per-pixel std (fractions of its mean) to compare")
     p.add_argument("--sigma", type=float, default=ScoringOptions.sigma)
     p.add_argument("--num_masks", type=int, default=ScoringOptions.num_masks)
     p.add_argument("--mask_pattern", default=ScoringOptions.mask_pattern)
@@ -78,11 +80,10 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp("auto", device)
     options = ScoringOptions(num_masks=args.num_masks, mask_pattern=args.mask_pattern, sigma=args.sigma)
-    model, train_args = build_model(args.checkpoint)
+    model, train_args, stored = build_model(args.checkpoint)
     model.to(device)
-    calibration = read_checkpoint(args.checkpoint).get("calibration")
-    if calibration and calibration_matches(calibration, options, model.img_size):
-        holdout = calibration["maps"]
+    if stored and calibration_matches(stored, options, model.img_size):
+        holdout = stored["maps"]
     elif train_args.get("holdout_files"):
         holdout = holdout_error_maps(model, args.data_path, train_args["holdout_files"], options, device, amp_dtype)
     else:
@@ -93,14 +94,18 @@ def main(args: argparse.Namespace) -> int:
     masks = dataset.masks.numpy()
     recipes = [r.strip() for r in args.maps.split(",") if r.strip()]
     quantiles = [float(q) for q in args.image_quantiles.split(",")]
-    results = compare(holdout, test, labels, masks, recipes, quantiles, args.pixel_quantile)
-    results["checkpoint"], results["data_path"] = str(args.checkpoint), str(args.data_path)
-    print(f"{'recipe':14s} {'img AUROC':>9s} {'pix AUROC':>9s} {'AUPRO':>7s} " +
-          " ".join(f"F1@q{q:g}" for q in quantiles))
-    for r in recipes:
-        i, p = results["image"][r], results["pixel"][r]
-        print(f"{r:14s} {i['image_auroc']:9.4f} {p['pixel_auroc']:9.4f} {p['aupro']:7.4f} " +
-              " ".join(f"{i[f'q{q:g}']['f1']:7.3f}" for q in quantiles))
+    results = {"checkpoint": str(args.checkpoint), "data_path": str(args.data_path), "sigma": args.sigma,
+               "std_floor": {}}
+    for floor in [float(f) for f in args.std_floors.split(",")]:
+        calibration.STD_FLOOR = floor  # read at call time by the statistics
+        by_floor = results["std_floor"][f"{floor:g}"] = compare(holdout, test, labels, masks, recipes, quantiles,
+                                                                 args.pixel_quantile)
+        print(f"std floor {floor:g}\n{'recipe':14s} {'img AUROC':>9s} {'pix AUROC':>9s} {'AUPRO':>7s} " +
+              " ".join(f"F1@q{q:g}" for q in quantiles))
+        for r in recipes:
+            i, p = by_floor["image"][r], by_floor["pixel"][r]
+            print(f"{r:14s} {i['image_auroc']:9.4f} {p['pixel_auroc']:9.4f} {p['aupro']:7.4f} " +
+                  " ".join(f"{i[f'q{q:g}']['f1']:7.3f}" for q in quantiles))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     return 0
