@@ -29,7 +29,7 @@ from util.calibration import MAP_CHOICES, MapSpec, fit_level, fit_threshold, ima
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items  # noqa: E402
 from util.metrics import aupro, auroc, pixel_auroc, threshold_metrics  # noqa: E402
-from util.misc import resolve_amp, resolve_device  # noqa: E402
+from util.misc import AMP_CHOICES, resolve_amp, resolve_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_masks", type=int, default=ScoringOptions.num_masks)
     p.add_argument("--mask_pattern", default=ScoringOptions.mask_pattern)
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="as main_infer.py's --amp")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -78,7 +79,7 @@ def compare(holdout: dict[str, torch.Tensor], test: dict[str, torch.Tensor], lab
 
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    amp_dtype = resolve_amp("auto", device)
+    amp_dtype = resolve_amp(args.amp, device)
     options = ScoringOptions(num_masks=args.num_masks, mask_pattern=args.mask_pattern, sigma=args.sigma)
     model, train_args, stored = build_model(args.checkpoint)
     model.to(device)

@@ -161,3 +161,22 @@ def test_training_holds_images_out_and_stores_the_calibration(tmp_path, capsys, 
     # a bad --holdout is a one-line error before any work
     code, _, err = _cli(main_train, [*argv[:-4], "--holdout", "0.6"], capsys)
     assert code == 2 and "--holdout 0.6" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compare_scoring_agrees_with_main_infer(synthetic_category, holdout_checkpoint, tmp_path, capsys):
+    from scripts import compare_scoring
+
+    code, _, err = _cli(compare_scoring, ["--checkpoint", holdout_checkpoint, "--data_path", synthetic_category,
+                                          "--maps", "mse,fusion-absz", "--sigma", "2", "--amp", "none",
+                                          "--output", tmp_path / "cmp.json"], capsys)
+    assert code == 0, err
+    compared = json.loads((tmp_path / "cmp.json").read_text())["std_floor"]["0.5"]
+    code, _, err = _cli(main_infer, ["--checkpoint", holdout_checkpoint, "--data_path", synthetic_category,
+                                     "--output_dir", tmp_path / "o", "--pixel_map", "mse", "--image_map", "fusion-absz",
+                                     *INFER], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert compared["image"]["fusion-absz"]["image_auroc"] == pytest.approx(metrics["image_auroc"])
+    assert compared["pixel"]["mse"]["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])
+    assert compared["pixel"]["mse"]["aupro"] == pytest.approx(metrics["aupro"])
