@@ -133,7 +133,8 @@ def ddp_worker(mode_name: str, output: Path) -> None:
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
             "frozen_stored_as": str(model.blocks[0].attn.qkv.weight.dtype).replace("torch.", ""),
             "replica_fingerprint": fingerprint,
-            "checkpoint_frozen_exact": all(torch.equal(saved[k], reference[k]) for k in frozen if k in reference),
+            "frozen_tensors": len(frozen),
+            "checkpoint_frozen_exact": bool(frozen) and all(torch.equal(saved[k].cpu(), reference[k]) for k in frozen),
             "peak_mem_mib": peak_mib,
         }
         weights.unlink()
