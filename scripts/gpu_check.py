@@ -164,7 +164,8 @@ def run_part(cmd: list[str], limit_s: float) -> dict:
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
-        error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        lines = [line for line in proc.stderr.splitlines() if line.strip(" =-_")]  # torchrun draws rules
+        error = None if proc.returncode == 0 else (lines or ["(no output)"])[-1].strip()
         code: Optional[int] = proc.returncode
     except subprocess.TimeoutExpired:
         error, code = f"timed out after {limit_s:.0f}s", None
