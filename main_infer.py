@@ -5,7 +5,8 @@
 
 The checkpoint alone rebuilds the model (its `args` hold the architecture); LoRA adapters are merged
 into the base weights once, before scoring. Outputs (see INTERFACE.md): anomaly_maps/*.npy,
-overlays/*.png, scores.csv, metrics.json + roc.png + summary.png (labelled data), args.json.
+overlays/*.png, scores.csv, metrics.json + roc.png + summary.png (labelled data), args.json, and with
+--save_tiff the maps at each image's own size in MVTec AD's evaluation layout.
 Nothing already in OUT is deleted; only the files listed above are (over)written.
 """
 import argparse
@@ -35,7 +36,7 @@ from scoring import ScoringOptions, build_scorer as build_calibrated_scorer, cal
 from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_scores, predicted_labels
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
-from util.datasets import TestDataset, TestItem, find_test_items, load_mask, unlabelled_items
+from util.datasets import TestDataset, TestItem, find_test_items, load_mask, raw_layout_stem, unlabelled_items
 from util.masks import MASK_PATTERNS
 from util.metrics import format_metrics_table, threshold_metrics
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device
@@ -120,6 +121,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="resolution of the pixel metrics: input = maps and masks at the model's input "
                              "size; full = maps upsampled (bilinear) to each mask's own resolution, masks "
                              "at native size (slower, more memory) (default: input)")
+    parser.add_argument("--save_tiff", nargs="?", const="", default=None, metavar="DIR",
+                        help="also write each map as a float32 TIFF at its image's original size, as "
+                             "DIR/<category>/<split>/<defect>/<image id>.tiff, the layout of MVTec AD's "
+                             "evaluate_experiment.py (category: the --data_path folder's name; defect and id "
+                             "as in the raw layout, also for prepared data); DIR defaults to --output_dir; "
+                             "needs --data_path")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="base weights for an adapter-file checkpoint (default: the 'pretrained' "
                              "option stored in the adapter file)")
@@ -426,6 +433,40 @@ def write_summary(path: Path, dataset: TestDataset, collector: ScoreCollector, v
     save_summary(path, items, max_per_group=SUMMARY_PER_GROUP, vmax=vmax)
 
 
+def upsample_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A map [S, S] resized (bilinear) to [height, width], float32."""
+    small = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]  # [1, 1, S, S]
+    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def tiff_paths(items: list[TestItem], category_dir: Path) -> list[Path]:
+    """Where --save_tiff writes each item's map: CATEGORY_DIR/<split>/<defect>/<image id>.tiff."""
+    paths = [category_dir / f"{raw_layout_stem(it.rel_path)}.tiff" for it in items]
+    seen: dict[Path, str] = {}
+    for path, item in zip(paths, items):
+        if path in seen:
+            raise UserError(f"--save_tiff: {seen[path]} and {item.rel_path} would both be written to {path}; "
+                            f"rename one")
+        seen[path] = item.rel_path
+    return paths
+
+
+def save_tiff(path: Path, anomaly_map: np.ndarray) -> None:
+    """A float32 single-channel TIFF (Pillow mode 'F': 32-bit IEEE samples, read back exactly)."""
+    image = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32))
+    _write_atomic(path, lambda f: image.save(f, format="TIFF"))
+
+
+def write_tiffs(dataset: TestDataset, collector: ScoreCollector, paths: list[Path]) -> None:
+    """Each collected map, upsampled to its image's original size, as a float32 TIFF."""
+    with tqdm(total=collector.count, unit="img", desc="tiff maps", dynamic_ncols=True) as bar:
+        for k, index in enumerate(collector.indices):
+            with Image.open(dataset.items[int(index)].path) as im:
+                width, height = im.size
+            save_tiff(paths[int(index)], upsample_map(collector.maps[k], height, width))
+            bar.update(1)
+
+
 def full_resolution_arrays(dataset: TestDataset, collector: ScoreCollector) -> tuple[np.ndarray, np.ndarray]:
     """Maps upsampled (bilinear) to each mask's native resolution, and the native masks.
 
@@ -455,8 +496,7 @@ def full_resolution_arrays(dataset: TestDataset, collector: ScoreCollector) -> t
     for k, index in enumerate(collector.indices):
         if sizes[k] is None:
             continue
-        small = torch.from_numpy(collector.maps[k])[None, None]  # [1, 1, S, S]
-        maps[k] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        maps[k] = upsample_map(collector.maps[k], h, w)
         if collector.labels[k] == 1:
             masks[k] = load_mask(dataset.items[int(index)].mask_path)
     return maps, masks
@@ -487,7 +527,8 @@ def resolved_options(args: argparse.Namespace, device: torch.device, amp_dtype: 
 
 
 def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, data_path: str, eval_size: str,
-                  vmax: Optional[float], threshold: Optional[Threshold], scoring: dict[str, Any]) -> list[str]:
+                  vmax: Optional[float], threshold: Optional[Threshold], scoring: dict[str, Any],
+                  seconds_per_image: float) -> list[str]:
     """metrics.json, roc.png and summary.png of a labelled run; returns the console lines."""
     if eval_size == "full":
         maps_full, masks_full = full_resolution_arrays(dataset, collector)
@@ -497,6 +538,7 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
         metrics = collector.metrics()
     metrics["eval_size"] = eval_size
     metrics["scoring"] = scoring
+    metrics["score_seconds_per_image"] = seconds_per_image  # the scoring pass (model, maps written)
     if threshold is not None:
         at = threshold_metrics(collector.scores, collector.labels, threshold.image)
         metrics.update({f"image_{k}": v for k, v in at.items()})
@@ -515,15 +557,28 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
     return lines
 
 
-def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float], masks: bool) -> list[str]:
+def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float], masks: bool,
+                 tiff_dir: Optional[Path]) -> list[str]:
     lines = ["", f"anomaly maps: {out / 'anomaly_maps'}", f"scores:       {out / 'scores.csv'}"]
     if masks:
         lines.append(f"masks:        {out / 'masks'}")
+    if tiff_dir is not None:
+        lines.append(f"tiff maps:    {tiff_dir}")
     if labelled:
         lines += [f"metrics:      {out / 'metrics.json'}", f"summary:      {out / 'summary.png'}"]
     if overlays:
         lines.append(f"overlays:     {out / 'overlays'}" + (f" (colour scale 0 - {vmax:.3g})" if vmax else ""))
     return lines
+
+
+def tiff_category_dir(save_tiff: Optional[str], data_path: Optional[str], output_dir: str) -> Optional[Path]:
+    """--save_tiff's DIR/<category> (None without --save_tiff)."""
+    if save_tiff is None:
+        return None
+    if data_path is None:
+        raise UserError("--save_tiff needs --data_path: the MVTec evaluation layout is per category "
+                        "(<category>/test/<defect>/<id>.tiff)")
+    return Path(save_tiff or output_dir) / Path(data_path).absolute().name
 
 
 def scoring_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -544,6 +599,8 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     items = build_items(args.data_path, args.images, args.split, args.output_dir)
+    tiff_dir = tiff_category_dir(args.save_tiff, args.data_path, args.output_dir)
+    tiff_files = tiff_paths(items, tiff_dir) if tiff_dir is not None else None
     scorer, threshold, train_args = load_scoring(args.checkpoint, args.pretrained, args.holdout_root or args.data_path,
                                                  device, amp_dtype, **scoring_flags(args))
     if args.save_masks and threshold is None:
@@ -573,15 +630,20 @@ def main(args: argparse.Namespace) -> int:
     # at 0.5) when calibrated; otherwise one scale for the whole run, which needs every map first.
     vmax = 2 * threshold.pixel if threshold is not None and threshold.pixel > 0 else colour_scale(collector.maps)
     labelled = args.data_path is not None
+    if tiff_files is not None:
+        # dataset.items drops unreadable images; their TIFF names are looked up by path
+        by_path = {it.path: f for it, f in zip(items, tiff_files)}
+        write_tiffs(dataset, collector, [by_path[it.path] for it in dataset.items])
     if labelled:
         lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax, threshold,
                                {**scoring, "score": args.score, "sigma": args.sigma, "num_masks": args.num_masks,
-                                "mask_pattern": args.mask_pattern})
+                                "mask_pattern": args.mask_pattern}, elapsed / collector.count)
     else:
         lines += pass_fail_lines(collector, threshold)
     if recon_u8 is not None:
         write_overlays(out, dataset, collector, recon_u8, vmax, threshold)
-    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, vmax, args.save_masks)), flush=True)
+    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, vmax, args.save_masks, tiff_dir)),
+          flush=True)
     return 0
 
 

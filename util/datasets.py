@@ -150,6 +150,22 @@ def defect_from_prepared_stem(stem: str) -> str:
     return m.group(1) if m else "bad"
 
 
+def raw_layout_stem(rel_path: str) -> str:
+    """The image's path in the raw MVTec layout, without extension, from either layout:
+    'test/bad/crack_000.png' -> 'test/crack/000', 'test/crack/000.png' -> 'test/crack/000'.
+
+    MVTec AD's own evaluation names maps by the raw defect folder and image id; a prepared stem
+    without a '_<digits>' suffix keeps `bad` as its defect and its stem as the id.
+    """
+    path = Path(rel_path)
+    folder, stem = path.parent, path.stem
+    if folder.name == "bad":
+        defect = defect_from_prepared_stem(stem)
+        if defect != "bad":
+            return (folder.parent / defect / stem[len(defect) + 1:]).as_posix()
+    return (folder / stem).as_posix()
+
+
 @dataclass
 class TestItem:
     __test__ = False  # not a pytest test class despite the name
