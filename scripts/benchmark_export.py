@@ -4,9 +4,9 @@
         --input_size 224 --batch_size 2 --json export_bench.json
 
 A sibling of scripts/benchmark.py (it reuses its model builder and its fair timing). Per model
-(random weights with non-zero LoRA adapters, merged, as after training; the threshold is the median
-fp32 score of the parity images, so both labels occur), the scorer of scripts/export.py (uint8 RGB
-in; score, normalised score, label, map out) runs on:
+(random weights with non-zero LoRA adapters, merged, as after training), the default scorer of
+scripts/export.py (the default map recipes, calibrated on --holdout_images training images of the
+category; uint8 RGB in, score, normalised score, label, map out) runs on:
 
 pytorch_fp32       the reference: PyTorch, fp32 (the parity baseline, also timed)
 pytorch_fast       main_infer.py's fast path: merged weights stored in bf16 (cast_frozen_weights) under
@@ -48,9 +48,11 @@ import torch  # noqa: E402
 import export  # noqa: E402
 from benchmark import PeakMemory, build_model, machine_info, measure_paths  # noqa: E402
 from lora_utils import cast_frozen_weights, merge_lora  # noqa: E402
-from models_mae import MODELS, AnomalyScorer  # noqa: E402
+from models_mae import MODELS  # noqa: E402
+from scoring import ScoringOptions, build_scorer, holdout_error_maps  # noqa: E402
+from util.calibration import Threshold  # noqa: E402
 from util.cli import UserError, run_cli  # noqa: E402
-from util.datasets import TestDataset, find_test_items  # noqa: E402
+from util.datasets import TestDataset, find_test_items, list_images, train_folder  # noqa: E402
 from util.files import write_atomic  # noqa: E402
 from util.misc import autocast, resolve_amp  # noqa: E402
 
@@ -70,6 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=2, help="images per timed call")
     p.add_argument("--parity_images", type=int, default=4, help="test images compared per engine")
+    p.add_argument("--holdout_images", type=int, default=8,
+                   help="training images the scorer is calibrated on (the default map recipes need them)")
     p.add_argument("--steps", type=int, default=3, help="timed calls per engine (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per engine before timing")
     p.add_argument("--engines", choices=("onnx", "all"), default="onnx",
@@ -87,16 +91,17 @@ def load_images(data_path: str, n: int, size: int) -> np.ndarray:
     return TestDataset(picked, size).images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def deployed(model_name: str, size: int, images: np.ndarray) -> tuple[export.DeployedScorer, float]:
-    """The fp32 deployed scorer of a random model, thresholded at the median score of `images`."""
+def deployed(model_name: str, size: int, data_path: str, n_holdout: int) -> tuple[export.DeployedScorer, Threshold]:
+    """The default calibrated scorer of a random model (as scripts/export.py exports it), calibrated
+    on the first n_holdout training images of the category."""
     model = build_model(model_name, size, lora_rank=8)
     merge_lora(model)
     model.eval().requires_grad_(False)
-    scorer = AnomalyScorer(model).eval()
-    probe = export.DeployedScorer(scorer, threshold=1.0, threshold_low=0.0)
-    scores = export.torch_runner(probe)(images)[0]
-    threshold = float(np.median(scores))
-    return export.DeployedScorer(scorer, threshold, threshold_low=0.0).eval(), threshold
+    options = ScoringOptions()
+    names = [p.name for p in list_images(train_folder(data_path))[:n_holdout]]
+    maps = holdout_error_maps(model, data_path, names, options, torch.device("cpu"), None)
+    scorer, threshold = build_scorer(model, options, maps)
+    return export.DeployedScorer(scorer.eval(), threshold.image, threshold.image_low).eval(), threshold
 
 
 def fast_runner(module: export.DeployedScorer) -> export.Runner:
@@ -161,10 +166,11 @@ def within_tolerance(name: str, result: dict[str, Any]) -> bool:
 
 def run_model(name: str, args: argparse.Namespace, images: np.ndarray) -> dict[str, Any]:
     full = f"mae_vit_{name}_patch7"
-    module, threshold = deployed(full, args.input_size, images)
+    module, threshold = deployed(full, args.input_size, args.data_path, args.holdout_images)
     print(f"{full}: exporting ...", file=sys.stderr, flush=True)
     runners = build_engines(module, args.input_size, args.opset, args.engines)
-    result: dict[str, Any] = {"model": full, "threshold": threshold, "engines": {}}
+    result: dict[str, Any] = {"model": full, "threshold": threshold.to_dict(), "scoring": export.scoring_options(module.scorer),
+                              "engines": {}}
     reference = batch_1(runners["pytorch_fp32"], images)
     for engine, runner in runners.items():
         p = parity(reference, runner, images)

@@ -37,8 +37,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from main_infer import build_model, build_scorer  # noqa: E402
+from main_infer import load_scoring  # noqa: E402
 from models_mae import AnomalyScorer  # noqa: E402
+from util.calibration import Threshold  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from util.files import write_atomic  # noqa: E402
@@ -121,34 +122,28 @@ class DeployedScorer(nn.Module):
 class ThresholdChoice(NamedTuple):
     image: float  # label = score >= image
     image_low: float  # where score_normalized reaches 0
-    pixel: Optional[float]
     source: str  # 'calibration' or 'manual'
+    calibration: Optional[dict[str, Any]]  # the calibrated Threshold's fields, when there is one
 
 
-def choose_threshold(calibrated: Optional[Any], manual: Optional[float], checkpoint: str) -> ThresholdChoice:
+def choose_threshold(calibrated: Optional[Threshold], manual: Optional[float], checkpoint: str) -> ThresholdChoice:
     """The calibrated threshold, or the one given with --threshold (required without calibration)."""
+    calibration = calibrated.to_dict() if calibrated is not None else None
     if manual is not None:
         if not (math.isfinite(manual) and manual > 0):
             raise UserError(f"--threshold {manual}: give a positive image-score threshold")
-        # Scores are squared errors (>= 0): 0 is the natural low anchor, so normalised = score / (2 t).
-        return ThresholdChoice(manual, 0.0, None, "manual")
+        # Every map recipe's score is >= 0: 0 is the natural low anchor, so normalised = score / (2 t).
+        return ThresholdChoice(manual, 0.0, "manual", calibration)
     if calibrated is None:
-        raise UserError(f"{checkpoint} carries no calibrated threshold (it was trained before calibration "
-                        f"existed, or without held-out images); pass --threshold VALUE (an image score)")
-    return ThresholdChoice(float(calibrated.image), float(calibrated.image_low), float(calibrated.pixel),
-                           "calibration")
-
-
-def load_scoring(checkpoint: str, pretrained: Optional[str]) -> tuple[AnomalyScorer, Optional[Any], dict[str, Any]]:
-    """The default scorer of a checkpoint (fp32, CPU, LoRA merged), its calibration (None) and options."""
-    model, train_args = build_model(checkpoint, pretrained)
-    return build_scorer(model, num_masks=4, mask_pattern="stripes", sigma=4.0, score="max", topk_fraction=0.01), \
-        None, train_args
+        raise UserError(f"{checkpoint} carries no calibrated threshold (no held-out normal images: trained "
+                        f"before --holdout existed, or with --holdout 0); pass --threshold VALUE (an image score)")
+    return ThresholdChoice(calibrated.image, calibrated.image_low, "calibration", calibration)
 
 
 def scoring_options(scorer: AnomalyScorer) -> dict[str, Any]:
     return {"num_masks": int(scorer.masks.shape[0]), "sigma": scorer.smoothing.sigma, "score": scorer.score,
-            "topk_fraction": scorer.topk_fraction}
+            "topk_fraction": scorer.topk_fraction, "pixel_map": str(scorer.pixel_level.spec),
+            "image_map": str(scorer.image_level.spec)}
 
 
 def export_metadata(train_args: dict[str, Any], scorer: AnomalyScorer, threshold: ThresholdChoice,
@@ -165,8 +160,9 @@ def export_metadata(train_args: dict[str, Any], scorer: AnomalyScorer, threshold
         "batch": "dynamic" if batch is None else str(batch),
         "threshold_image": repr(threshold.image),
         "threshold_image_low": repr(threshold.image_low),
-        "threshold_pixel": "" if threshold.pixel is None else repr(threshold.pixel),
+        "threshold_pixel": "" if threshold.calibration is None else repr(threshold.calibration["pixel"]),
         "threshold_source": threshold.source,
+        "calibration": json.dumps(threshold.calibration),
         "normalization": json.dumps({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
         "scoring": json.dumps(scoring_options(scorer)),
         "train_args": json.dumps(train_args, default=str),
@@ -321,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
     require_packages(args.format)
     opset = check_opset(args.opset) if args.format == "onnx" else None
-    scorer, calibrated, train_args = load_scoring(args.checkpoint, args.pretrained)
+    scorer, calibrated, train_args = load_scoring(args.checkpoint, args.pretrained)  # fp32, CPU, defaults
     threshold = choose_threshold(calibrated, args.threshold, args.checkpoint)
     module = DeployedScorer(scorer, threshold.image, threshold.image_low).eval()
     batch = None if args.dynamic_batch else args.batch

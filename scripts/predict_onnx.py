@@ -126,7 +126,7 @@ def scores_csv(rel_paths: list[str], scores: np.ndarray, normalized: np.ndarray,
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for rel, score, norm, label in zip(rel_paths, scores, normalized, labels):
-        writer.writerow([rel, "", "", repr(float(score)), repr(float(norm)), int(label)])
+        writer.writerow([rel, "", "", repr(float(score)), f"{float(norm):.6f}", int(label)])
     return buf.getvalue()
 
 
