@@ -169,8 +169,8 @@ def run_model(name: str, args: argparse.Namespace, images: np.ndarray) -> dict[s
     module, threshold = deployed(full, args.input_size, args.data_path, args.holdout_images)
     print(f"{full}: exporting ...", file=sys.stderr, flush=True)
     runners = build_engines(module, args.input_size, args.opset, args.engines)
-    result: dict[str, Any] = {"model": full, "threshold": threshold.to_dict(), "scoring": export.scoring_options(module.scorer),
-                              "engines": {}}
+    result: dict[str, Any] = {"model": full, "threshold": threshold.to_dict(),
+                              "scoring": export.scoring_options(module.scorer), "engines": {}}
     reference = batch_1(runners["pytorch_fp32"], images)
     for engine, runner in runners.items():
         p = parity(reference, runner, images)

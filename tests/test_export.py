@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -20,8 +21,10 @@ import main_infer
 from image_files import random_rgb, save_image
 from lora_utils import unmerged_state_dict
 from models_mae import create_model
+from scoring import ScoringOptions, holdout_error_maps, make_calibration
+from util.calibration import normalized_scores, predicted_labels
 from util.cli import run_cli
-from util.datasets import TestDataset, find_test_items, unlabelled_items
+from util.datasets import TestDataset, find_test_items, list_images, unlabelled_items
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import export  # noqa: E402
@@ -38,8 +41,7 @@ NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv
             "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def _save_checkpoint(path: Path, train_args: dict, **extra) -> Path:
     """A main_train.py checkpoint (LoRA unmerged, non-zero adapters) of a random tiny model."""
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch7", img_size=SIZE, lora_rank=4)
@@ -47,25 +49,53 @@ def checkpoint(tmp_path_factory) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(std=0.02)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-0.pth"
     torch.save({"model": unmerged_state_dict(model), "optimizer": {}, "scaler": None, "epoch": 0,
-                "args": TRAIN_ARGS}, path)
+                "args": train_args, **extra}, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def reference(synthetic_category, checkpoint):
-    """main_infer's pipeline in fp32 on the test images: uint8 pixels [N, S, S, 3], scores, maps,
-    and a threshold between the scores (so that both labels occur)."""
-    dataset = TestDataset(find_test_items(synthetic_category), SIZE)
-    scorer, _, _ = export.load_scoring(str(checkpoint), None)
+def checkpoint(tmp_path_factory) -> Path:
+    """Without calibration: exporting it needs --threshold."""
+    return _save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint-0.pth", TRAIN_ARGS)
+
+
+@pytest.fixture(scope="module")
+def calibrated_checkpoint(synthetic_category, tmp_path_factory) -> Path:
+    """With the calibration main_train.py stores (4 held-out training images): the default scorer is
+    the calibrated one (its msgms error, z-scores, fusion) and the threshold comes with it."""
+    path = tmp_path_factory.mktemp("ckpt") / "calibrated.pth"
+    names = [p.name for p in list_images(synthetic_category / "train" / "good")[:4]]
+    train_args = {**TRAIN_ARGS, "holdout_files": names, "data_path": str(synthetic_category)}
+    _save_checkpoint(path, train_args)
+    model, _, _ = main_infer.build_model(str(path))
+    maps = holdout_error_maps(model, synthetic_category, names, ScoringOptions(), torch.device("cpu"), None)
+    return _save_checkpoint(path, train_args, calibration=make_calibration(maps, names, SIZE, ScoringOptions()))
+
+
+def _reference(category: Path, checkpoint: Path):
+    """main_infer's scorer in fp32 on the test images: uint8 pixels [N, S, S, 3], scores, maps, Threshold."""
+    dataset = TestDataset(find_test_items(category), SIZE)
+    scorer, threshold, _ = main_infer.load_scoring(str(checkpoint))
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     with torch.inference_mode():
         out = scorer(images)
-    scores = out.scores.numpy()
-    threshold = float(np.median(scores))
     pixels = dataset.images.permute(0, 2, 3, 1).contiguous().numpy()
-    return pixels, scores, out.anomaly_maps.numpy(), threshold
+    return pixels, out.scores.numpy(), out.anomaly_maps.numpy(), threshold
+
+
+@pytest.fixture(scope="module")
+def manual(synthetic_category, checkpoint):
+    """The uncalibrated reference with a threshold given by hand between its scores (both labels occur)."""
+    pixels, scores, maps, _ = _reference(synthetic_category, checkpoint)
+    return pixels, scores, maps, SimpleNamespace(image=float(np.median(scores)), image_low=0.0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(synthetic_category, calibrated_checkpoint):
+    reference = _reference(synthetic_category, calibrated_checkpoint)
+    assert reference[3] is not None
+    return reference
 
 
 def _export(checkpoint, output: Path, *options) -> Path:
@@ -76,81 +106,88 @@ def _export(checkpoint, output: Path, *options) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx_dynamic(checkpoint, reference, tmp_path_factory) -> Path:
-    return _export(checkpoint, tmp_path_factory.mktemp("export") / "dynamic.onnx", "--dynamic_batch",
-                   "--threshold", reference[3])
+def onnx_calibrated(calibrated_checkpoint, tmp_path_factory) -> Path:
+    return _export(calibrated_checkpoint, tmp_path_factory.mktemp("export") / "dynamic.onnx", "--dynamic_batch")
 
 
-def _assert_parity(outputs, reference, threshold, rows=slice(None)):
-    _, scores, maps, _ = reference
+def _assert_parity(outputs, reference, rows=slice(None), both_labels=False):
+    _, scores, maps, threshold = reference
     score, normalized, label, anomaly_map = outputs
     np.testing.assert_allclose(anomaly_map, maps[rows], atol=MAP_ATOL, rtol=0)
     np.testing.assert_allclose(score, scores[rows], rtol=SCORE_RTOL, atol=0)
-    expected = (scores[rows] >= threshold).astype(np.int64)
+    expected = predicted_labels(scores[rows], threshold)
     assert label.dtype == np.int64 and np.array_equal(label, expected)
-    assert 0 < expected.sum() < expected.size or expected.size < 3  # both labels are exercised
-    manual_normalized = np.clip(scores[rows] / (2 * threshold), 0, 1)  # --threshold: low anchor 0
-    np.testing.assert_allclose(normalized, manual_normalized, atol=1e-6)
+    if both_labels:
+        assert 0 < expected.sum() < expected.size
+    np.testing.assert_allclose(normalized, normalized_scores(scores[rows], threshold), atol=1e-5)
 
 
 @pytest.mark.slow
-def test_onnx_dynamic_batch_matches_pytorch_and_carries_metadata(onnx_dynamic, reference):
-    path = onnx_dynamic
+def test_onnx_dynamic_batch_matches_pytorch_and_carries_metadata(onnx_calibrated, calibrated):
+    proto = onnx.load(str(onnx_calibrated))
+    onnx.checker.check_model(proto, full_check=True)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    threshold = calibrated[3]
+    assert meta["input_size"] == str(SIZE) and meta["model"] == "mae_vit_tiny_patch7"
+    assert meta["batch"] == "dynamic" and meta["threshold_source"] == "calibration"
+    assert float(meta["threshold_image"]) == threshold.image
+    assert float(meta["threshold_image_low"]) == threshold.image_low
+    assert json.loads(meta["calibration"]) == threshold.to_dict()
+    assert len(json.loads(meta["train_args"])["holdout_files"]) == threshold.n_images == 4
+    scoring = json.loads(meta["scoring"])
+    assert (scoring["num_masks"], scoring["image_map"]) == (4, ScoringOptions().image_map)
+    (image_input,) = proto.graph.input
+    assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    session = export.onnx_runner(str(onnx_calibrated))
+    pixels = calibrated[0]
+    _assert_parity(session(pixels), calibrated)  # the whole split in one call
+    _assert_parity(session(pixels[2:5]), calibrated, slice(2, 5))
+
+
+@pytest.mark.slow
+def test_onnx_batch_1_with_a_threshold_by_hand(checkpoint, manual, tmp_path):
+    """An uncalibrated checkpoint, --threshold VALUE, a fixed batch of 1."""
+    path = _export(checkpoint, tmp_path / "batch1.onnx", "--batch", 1, "--threshold", manual[3].image)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["input_size"] == str(SIZE) and meta["model"] == "mae_vit_tiny_patch7"
-    assert meta["batch"] == "dynamic" and meta["threshold_source"] == "manual"
-    assert float(meta["threshold_image"]) == reference[3]
+    assert meta["threshold_source"] == "manual" and meta["batch"] == "1" and meta["calibration"] == "null"
     assert json.loads(meta["train_args"]) == TRAIN_ARGS
-    assert json.loads(meta["scoring"])["num_masks"] == 4
-    (image_input,) = proto.graph.input
-    assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    session = export.onnx_runner(str(path))
-    pixels, _, _, threshold = reference
-    _assert_parity(session(pixels), reference, threshold)  # the whole split in one call
-    _assert_parity(session(pixels[2:5]), reference, threshold, slice(2, 5))
-
-
-@pytest.mark.slow
-def test_onnx_batch_1_matches_pytorch_and_has_a_fixed_input(checkpoint, reference, tmp_path):
-    path = _export(checkpoint, tmp_path / "batch1.onnx", "--batch", 1, "--threshold", reference[3])
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto, full_check=True)
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, SIZE, SIZE, 3]
     session = export.onnx_runner(str(path))
-    pixels, _, _, threshold = reference
+    pixels = manual[0]
     outputs = [session(pixels[i:i + 1]) for i in range(len(pixels))]
-    _assert_parity(tuple(np.concatenate(parts) for parts in zip(*outputs)), reference, threshold)
+    _assert_parity(tuple(np.concatenate(parts) for parts in zip(*outputs)), manual, both_labels=True)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session(pixels[:2])  # the batch is fixed
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_torchscript_matches_pytorch_at_any_batch_and_carries_metadata(checkpoint, reference, tmp_path):
-    path = _export(checkpoint, tmp_path / "model.pt", "--format", "torchscript", "--dynamic_batch",
-                   "--threshold", reference[3])
+def test_torchscript_matches_pytorch_at_any_batch(calibrated_checkpoint, calibrated, tmp_path):
+    path = _export(calibrated_checkpoint, tmp_path / "model.pt", "--format", "torchscript", "--dynamic_batch")
     files = {export.METADATA_FILE: ""}
     torch.jit.load(str(path), _extra_files=files)
     meta = json.loads(files[export.METADATA_FILE])
     assert meta["input_size"] == str(SIZE) and meta["format"] == "torchscript"
-    assert float(meta["threshold_image"]) == reference[3]
+    assert float(meta["threshold_image"]) == calibrated[3].image
     run = export.torchscript_runner(str(path))
-    pixels, _, _, threshold = reference
-    _assert_parity(run(pixels), reference, threshold)
-    _assert_parity(run(pixels[:1]), reference, threshold, slice(0, 1))
+    pixels = calibrated[0]
+    _assert_parity(run(pixels), calibrated)
+    _assert_parity(run(pixels[:1]), calibrated, slice(0, 1))
 
 
 @pytest.mark.slow
-def test_predictor_writes_main_infers_outputs_without_torch(onnx_dynamic, reference, checkpoint,
+def test_predictor_writes_main_infers_outputs_without_torch(onnx_calibrated, calibrated_checkpoint,
                                                             synthetic_category, tmp_path):
     """main_infer.py --images (fp32) and predict_onnx.py (torch unimportable) on the same folder of
-    64-px images (resized to 56): same paths, scores, maps."""
-    model = onnx_dynamic
+    64-px images (resized to 56): same paths, scores, normalised scores, labels, maps."""
+    model = onnx_calibrated
     images = synthetic_category / "test"
     infer_out, onnx_out = tmp_path / "infer", tmp_path / "onnx"
     args = main_infer.get_args_parser().parse_args(
-        ["--checkpoint", str(checkpoint), "--images", str(images), "--output_dir", str(infer_out),
+        ["--checkpoint", str(calibrated_checkpoint), "--images", str(images), "--output_dir", str(infer_out),
          "--amp", "none", "--num_workers", "0", "--no_overlays"])
     assert run_cli(main_infer.main, args) == 0
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(ROOT / "scripts" / "predict_onnx.py"),
@@ -165,10 +202,11 @@ def test_predictor_writes_main_infers_outputs_without_torch(onnx_dynamic, refere
         assert tuple(reader.fieldnames) == predict_onnx.CSV_COLUMNS
         rows = list(reader)
     assert [r["path"] for r in rows] == [r["path"] for r in expected]
-    assert all(r["label"] == "" and r["defect"] == "" for r in rows)
-    scores = np.array([float(r["score"]) for r in rows])
-    np.testing.assert_allclose(scores, [float(r["score"]) for r in expected], rtol=SCORE_RTOL, atol=0)
-    assert [int(r["pred_label"]) for r in rows] == list((scores >= reference[3]).astype(int))
+    assert all(r["label"] == "" == e["label"] and r["defect"] == "" == e["defect"] for r, e in zip(rows, expected))
+    for column, tolerance in (("score", dict(rtol=SCORE_RTOL, atol=0)), ("score_normalized", dict(rtol=0, atol=2e-6))):
+        np.testing.assert_allclose([float(r[column]) for r in rows], [float(e[column]) for e in expected],
+                                   **tolerance)
+    assert [r["pred_label"] for r in rows] == [e["pred_label"] for e in expected]
     for r in rows:
         stem = Path(r["path"]).with_suffix(".npy")
         got, want = np.load(onnx_out / "anomaly_maps" / stem), np.load(infer_out / "anomaly_maps" / stem)
