@@ -303,3 +303,14 @@ def test_predictor_reads_images_as_main_infer_does(tmp_path):
     assert rel == [it.rel_path for it in dataset.items] == ["a.png", "gray.png", "rgba.png"]
     assert resized == 2
     assert np.array_equal(pixels, dataset.images.permute(0, 2, 3, 1).numpy())
+
+
+def test_predictor_skips_unreadable_images_and_refuses_clashing_names(tmp_path, capsys):
+    save_image(random_rgb(), tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    rel, pixels, _ = predict_onnx.decode(predict_onnx.find_images(tmp_path), SIZE)
+    assert rel == ["a.png"] and pixels.shape == (1, SIZE, SIZE, 3)
+    assert "skipping" in capsys.readouterr().err
+    save_image(random_rgb(), tmp_path / "a.jpg")
+    with pytest.raises(predict_onnx.UserError, match="would share the output name a.npy"):
+        predict_onnx.check_stems(predict_onnx.find_images(tmp_path))
