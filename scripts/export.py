@@ -5,7 +5,8 @@
 
 The file holds the scorer exactly as main_infer.py scores by default, as one graph: the ImageNet
 normalisation, LoRA merged into the weights, the K deterministic masks and their indices as
-constants, the Gaussian smoothing, the calibration and the threshold.
+constants, the Gaussian smoothing, the calibration and the threshold (main_infer.load_scoring
+with the default scoring options, in fp32; a checkpoint without calibration needs --threshold).
 
     input   image             uint8 RGB [N, S, S, 3], already resized to the input size S (bicubic)
     outputs score             float32 [N]        the image anomaly score (as scores.csv's `score`)
@@ -311,6 +312,20 @@ def check_output(output: str) -> Path:
     return path
 
 
+def build_file(module: DeployedScorer, fmt: str, example: torch.Tensor, dynamic_batch: bool, opset: Optional[int],
+               metadata: dict[str, str]) -> tuple[bytes, Runner]:
+    """The exported file's bytes and a runner of them (onnxruntime or TorchScript)."""
+    if fmt == "torchscript":
+        data = torchscript_bytes(module, example, metadata)
+        return data, torchscript_runner(data)
+    data = onnx_bytes(module, example, dynamic_batch, opset, metadata)
+    try:
+        return data, onnx_runner(data)
+    except Exception as e:  # onnxruntime's own exception types, e.g. an op it does not implement
+        raise UserError(f"onnxruntime cannot load the exported graph (--opset {opset}): "
+                        f"{' '.join(str(e).split())[:300]}; try --opset {DEFAULT_OPSET}") from e
+
+
 def main(args: argparse.Namespace) -> int:
     output = check_output(args.output)
     if args.batch < 1:
@@ -326,16 +341,7 @@ def main(args: argparse.Namespace) -> int:
     example = torch.from_numpy(random_images(batch or 2, size))
     print(f"exporting {metadata['model']} at {size} px to {args.format}, batch {metadata['batch']}, "
           f"threshold {threshold.image:.6g} ({threshold.source})", flush=True)
-    if args.format == "onnx":
-        data = onnx_bytes(module, example, batch is None, opset, metadata)
-        try:
-            candidate = onnx_runner(data)
-        except Exception as e:  # onnxruntime's own errors: e.g. an opset newer than it implements
-            raise UserError(f"onnxruntime cannot load the exported graph (--opset {opset}): "
-                            f"{' '.join(str(e).split())[:300]}; try --opset {DEFAULT_OPSET}") from e
-    else:
-        data = torchscript_bytes(module, example, metadata)
-        candidate = torchscript_runner(data)
+    data, candidate = build_file(module, args.format, example, batch is None, opset, metadata)
     parity = self_check(torch_runner(module), candidate, size, check_batches(batch))
     if not parity.ok:
         raise UserError(f"the exported graph disagrees with PyTorch: {parity.describe()}; nothing written",
