@@ -314,3 +314,23 @@ def test_predictor_skips_unreadable_images_and_refuses_clashing_names(tmp_path, 
     save_image(random_rgb(), tmp_path / "a.jpg")
     with pytest.raises(predict_onnx.UserError, match="would share the output name a.npy"):
         predict_onnx.check_stems(predict_onnx.find_images(tmp_path))
+
+
+@pytest.mark.slow
+def test_benchmark_export_reports_parity_and_speed_of_every_engine(synthetic_category, tmp_path, capsys):
+    """scripts/benchmark_export.py in its smallest form: the JSON it promises; the exact engines exact."""
+    import benchmark_export
+    out = tmp_path / "bench.json"
+    args = benchmark_export.get_args_parser().parse_args(
+        ["--data_path", str(synthetic_category), "--models", "tiny", "--input_size", str(SIZE), "--steps", "1",
+         "--warmup", "0", "--parity_images", "3", "--holdout_images", "3", "--engines", "all", "--json", str(out)])
+    assert run_cli(benchmark_export.main, args) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    engines = result["engines"]
+    assert list(engines) == ["pytorch_fp32", "pytorch_fast", "onnxruntime_fp32", "onnxruntime_int8", "torchscript_fp32"]
+    for name in ("onnxruntime_fp32", "torchscript_fp32"):
+        assert engines[name]["within_tolerance"]
+        assert all(case["exact"] and case["n_images"] == 3 for case in engines[name]["parity"].values())
+    for e in engines.values():
+        assert e["img_s"] > 0 and e["ms_per_img"] == pytest.approx(1000 / e["img_s"])
+    assert result["threshold"]["n_images"] == 3
