@@ -78,7 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="how the views split the patch grid: stripes (columns, the original choice), "
                         "grid (needs a square num_masks), checkerboard (num_masks 2) (default: %(default)s)")
     g.add_argument("--sigma", type=float, default=ScoringOptions.sigma,
-                   help="std of the Gaussian that smooths the error maps, in pixels; 0 = none (default: %(default)s)")
+                   help="std of the Gaussian that smooths the pixel-level map, in pixels; 0 = none (default: %(default)s)")
+    g.add_argument("--image_sigma", type=float, default=ScoringOptions.image_sigma,
+                   help="std of the Gaussian that smooths the image-level map (a defect's peak stays sharper "
+                        "against the normal variation with less smoothing) (default: %(default)s)")
     g.add_argument("--pixel_map", default=None, choices=MAP_CHOICES, metavar="RECIPE",
                    help="the anomaly map (localisation, anomaly_maps/*.npy, pixel metrics): ERROR[-NORM], ERROR "
                         "mse | msgms | fusion (both, each scaled by its held-out quantile), NORM raw (omitted) | z "
@@ -242,7 +245,7 @@ def holdout_maps_for(model: MaskedAutoencoderViT, train_args: dict[str, Any], ca
         maps = holdout_error_maps(model, root, names, options, device, amp_dtype)
     except UserError as e:
         return None, f"its {len(names)} held-out images cannot be read ({e}); pass --holdout_root ROOT"
-    why = "the stored maps were made with other --num_masks/--mask_pattern/--sigma" if calibration else \
+    why = "the stored maps were made with other --num_masks/--mask_pattern" if calibration else \
         "the checkpoint stores none"
     return maps, f"calibration: recomputed on the {len(names)} held-out images in {Path(root) / 'train' / 'good'} ({why})"
 
@@ -615,7 +618,8 @@ def main(args: argparse.Namespace) -> int:
         write_tiffs(dataset, collector, [by_path[it.path] for it in dataset.items])
     if labelled:
         lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax, threshold,
-                               {**scoring, "score": args.score, "sigma": args.sigma, "num_masks": args.num_masks,
+                               {**scoring, "score": args.score, "sigma": args.sigma, "image_sigma": args.image_sigma,
+                                "num_masks": args.num_masks,
                                 "mask_pattern": args.mask_pattern}, elapsed / collector.count)
     else:
         lines += pass_fail_lines(collector, threshold)

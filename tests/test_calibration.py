@@ -14,6 +14,7 @@ from util.cli import UserError
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, MIN_HOLDOUT, TrainDataset, holdout_names
 from util.error_maps import msgms, squared_error
 from util.metrics import threshold_metrics
+from util.smoothing import GaussianSmoothing
 
 from image_files import random_rgb, save_image
 
@@ -194,24 +195,29 @@ def test_training_dataset_never_reads_held_out_images(tmp_path):
 
 
 # ---- the calibrated scorer ----------------------------------------------------------------
-def test_calibrated_scorer_equals_its_recipe_applied_to_the_error_maps():
+def test_calibrated_scorer_equals_its_recipes_applied_to_the_smoothed_error_maps():
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch7", img_size=28, lora_rank=0).eval()
     holdout = torch.randn(6, 3, 28, 28)
-    plain = AnomalyScorer(model, num_masks=2, mask_pattern="checkerboard", sigma=1.0)
+    plain = AnomalyScorer(model, num_masks=2, mask_pattern="checkerboard")
+    options = ScoringOptions(num_masks=2, mask_pattern="checkerboard", sigma=1.0, image_sigma=0.5,
+                             pixel_map="msgms-z", image_map="fusion-absz")
     with torch.no_grad():
-        holdout_maps, _ = plain.error_maps(holdout)
-        options = ScoringOptions(num_masks=2, mask_pattern="checkerboard", sigma=1.0, pixel_map="msgms-z",
-                                 image_map="fusion-absz")
+        holdout_maps, _ = plain.error_maps(holdout)  # per-pixel, not smoothed: what checkpoints store
         scorer, threshold = build_scorer(model, options, holdout_maps)
         imgs = torch.randn(3, 3, 28, 28)
         out = scorer(imgs)
         maps, _ = plain.error_maps(imgs)
     (pixel_stats, image_stats), again = fit_scoring(holdout_maps, options)
     assert threshold == again
-    torch.testing.assert_close(out.anomaly_maps, level_map(maps, MapSpec.parse("msgms-z"), pixel_stats).float())
-    image = level_map(maps, MapSpec.parse("fusion-absz"), image_stats).float()
-    torch.testing.assert_close(out.scores, image.flatten(1).amax(dim=1))
+    pixel = {e: GaussianSmoothing(1.0)(m) for e, m in maps.items()}
+    image = {e: GaussianSmoothing(0.5)(m) for e, m in maps.items()}
+    torch.testing.assert_close(out.anomaly_maps, level_map(pixel, MapSpec.parse("msgms-z"), pixel_stats).float())
+    image_map = level_map(image, MapSpec.parse("fusion-absz"), image_stats).float()
+    torch.testing.assert_close(out.scores, image_map.flatten(1).amax(dim=1))
+    # the statistics are those of the held-out maps smoothed at each level's sigma
+    expected_mean, _ = mean_std(GaussianSmoothing(1.0)(holdout_maps["msgms"]))
+    torch.testing.assert_close(pixel_stats.mean["msgms"], expected_mean)
     calibration = make_calibration(holdout_maps, [f"{i}.png" for i in range(6)], 28, options)
     assert calibration["threshold"] == threshold.to_dict() and calibration["defaults"]["image_map"] == "fusion-absz"
 
