@@ -259,7 +259,7 @@ class ScoreCollector:
 
 def collect_error_maps(scorer: nn.Module, loader: Iterable, device: torch.device,
                        amp_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """Smoothed error maps {error: [n, H, W] float32, on the CPU} of every image of `loader`
+    """Per-pixel error maps {error: [n, H, W] float32, on the CPU, not smoothed} of every image of `loader`
     (TestDataset dicts), in loader order: the raw material of calibration (AnomalyScorer.error_maps).
 
     Eval mode for the pass, every submodule's previous mode restored afterwards (as `evaluate`).

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from engine import evaluate, train_one_epoch
-from lora_utils import LORA_TARGETS, freeze_non_lora, is_lora_name, parameter_table, unmerged_state_dict
+from lora_utils import (LORA_TARGETS, cast_frozen_weights, freeze_non_lora, is_lora_name, parameter_table,
+                        unmerged_state_dict)
 from models_mae import MODELS, AnomalyScorer, create_model
 from scoring import ScoringOptions, holdout_error_maps, make_calibration
 from util import distributed as dist_util
@@ -220,8 +221,13 @@ def build_eval_loader(data_path: str, input_size: int, batch_size: int, num_work
 
 def build_model(model_name: str, input_size: int, norm_pix_loss: bool, lora_rank: int, lora_alpha: float,
                 lora_dropout: float, lora_targets: list[str], pretrained: Optional[str], patch_embed_init: str,
-                freeze: bool, verbose: bool) -> nn.Module:
-    """The MAE with LoRA adapters, pretrained weights loaded and (optionally) frozen, on the CPU."""
+                freeze: bool, verbose: bool, amp_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The MAE with LoRA adapters, pretrained weights loaded and (optionally) frozen, on the CPU.
+
+    With a frozen base and autocast (`amp_dtype`), the frozen linears are stored once in that dtype
+    for compute (autocast would round them at every step anyway: same numbers, no per-step casts);
+    their exact loaded tensors stay in host memory for the checkpoints (lora_utils.cast_frozen_weights).
+    """
     model = create_model(model_name, img_size=input_size, norm_pix_loss=norm_pix_loss, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets))
     loaded: set[str] = set()
@@ -233,6 +239,8 @@ def build_model(model_name: str, input_size: int, norm_pix_loss: bool, lora_rank
         freeze_non_lora(model, loaded)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("no trainable parameters: use --lora_rank > 0 or drop --freeze_non_lora")
+    if freeze and amp_dtype is not None:
+        cast_frozen_weights(model, amp_dtype, keep_exact=True)
     if verbose:
         print(parameter_table(model))
     return model
@@ -479,7 +487,7 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
     checkpoint = read_resume_checkpoint(resume_path, options) if resume_path else None
     model = build_model(args.model, args.input_size, args.norm_pix_loss, args.lora_rank, options["lora_alpha"],
                         args.lora_dropout, options["lora_targets"], args.pretrained, args.patch_embed_init,
-                        args.freeze_non_lora, verbose=is_main).to(device)
+                        args.freeze_non_lora, verbose=is_main, amp_dtype=amp_dtype).to(device)
     optimizer = build_optimizer(model, options["lr"], args.weight_decay, device)
     scaler = build_scaler(amp_dtype, device)
     start_epoch = args.start_epoch

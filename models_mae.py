@@ -328,10 +328,10 @@ class AnomalyScorer(nn.Module):
     """Scores images with a trained MAE: K deterministic views, smoothed per-pixel error maps.
 
     Each patch is reconstructed by the view that hides it; the errors (`mse`, `msgms`: see
-    util.error_maps) of the composite reconstruction are smoothed by a Gaussian of `sigma` and turned
-    into two maps by recipes (util.calibration): the pixel-level map (returned as `anomaly_maps`) and
-    the image-level map, reduced to the image score by its max or the mean of its top
-    `topk_fraction` pixels. Recipes other than raw mse/msgms need held-out statistics
+    util.error_maps) of the composite reconstruction are turned into two maps by recipes
+    (util.calibration): the pixel-level map (smoothed by a Gaussian of `sigma`, returned as
+    `anomaly_maps`) and the image-level map (smoothed by `image_sigma`, default `sigma`), reduced to
+    the image score by its max or the mean of its top `topk_fraction` pixels. Recipes other than raw mse/msgms need held-out statistics
     (`pixel_stats`, `image_stats`). Decisions (thresholds) are the caller's.
     """
 
@@ -341,6 +341,7 @@ class AnomalyScorer(nn.Module):
         num_masks: int = 4,
         mask_pattern: str = "stripes",
         sigma: float = 4.0,
+        image_sigma: Optional[float] = None,
         score: str = "max",
         topk_fraction: float = 0.01,
         pixel_map: str = "mse",
@@ -364,6 +365,7 @@ class AnomalyScorer(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
         self.smoothing = GaussianSmoothing(sigma)
+        self.image_smoothing = GaussianSmoothing(sigma if image_sigma is None else image_sigma)
         self.pixel_level = CalibratedMap(MapSpec.parse(pixel_map), pixel_stats)
         self.image_level = CalibratedMap(MapSpec.parse(image_map), image_stats)
 
@@ -372,22 +374,23 @@ class AnomalyScorer(nn.Module):
 
     def error_maps(self, imgs: torch.Tensor, errors: tuple[str, ...] = ERRORS
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Smoothed error maps {error: [N, H, W]} (float32) and the reconstructions [N, C, H, W]."""
+        """Per-pixel error maps {error: [N, H, W]} (float32, not smoothed) and the reconstructions [N, C, H, W]."""
         squared, reconstructions = self.model.anomaly_forward(imgs, self.views())
-        # The errors and the smoothing are convolutions and sums that autocast would run in bf16:
-        # keep the maps (and so the scores, whose ties would distort the metrics) at fp32.
+        # The errors are convolutions and sums that autocast would run in bf16: keep the maps (and so
+        # the scores, whose ties would distort the metrics) at fp32.
         with torch.autocast(device_type=imgs.device.type, enabled=False):
-            raw = {"mse": squared.float()} if "mse" in errors else {}
+            maps = {"mse": squared.float()} if "mse" in errors else {}
             if "msgms" in errors:
-                raw["msgms"] = msgms(reconstructions, imgs, self.pixel_mean, self.pixel_std)
-            return {e: self.smoothing(m) for e, m in raw.items()}, reconstructions
+                maps["msgms"] = msgms(reconstructions, imgs, self.pixel_mean, self.pixel_std)
+        return maps, reconstructions
 
     def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
-        needed = tuple(e for e in ERRORS if e in self.pixel_level.spec.errors + self.image_level.spec.errors)
-        maps, reconstructions = self.error_maps(imgs, needed)
-        with torch.autocast(device_type=imgs.device.type, enabled=False):
-            anomaly_maps = self.pixel_level(maps)
-            scores = image_scores(self.image_level(maps), self.score, self.topk_fraction)
+        pixel_errors, image_errors = self.pixel_level.spec.errors, self.image_level.spec.errors
+        maps, reconstructions = self.error_maps(imgs, tuple(e for e in ERRORS if e in pixel_errors + image_errors))
+        with torch.autocast(device_type=imgs.device.type, enabled=False):  # smoothing in fp32 too
+            anomaly_maps = self.pixel_level({e: self.smoothing(maps[e]) for e in pixel_errors})
+            image_maps = self.image_level({e: self.image_smoothing(maps[e]) for e in image_errors})
+            scores = image_scores(image_maps, self.score, self.topk_fraction)
         return AnomalyOutput(scores, anomaly_maps, reconstructions)
 
 

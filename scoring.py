@@ -4,9 +4,10 @@ calibrated AnomalyScorer with its decision threshold built from them. See util/c
 the definitions.
 
 A checkpoint's `calibration` entry (a plain dict, weights_only-loadable):
-    version, holdout_files (names in train/good), input_size, num_masks, mask_pattern, sigma
+    version, holdout_files (names in train/good), input_size, num_masks, mask_pattern
                            the options the maps depend on
-    maps                   {error: float32 [n, S, S]}, the smoothed mse and msgms maps of the held-out images
+    maps                   {error: float32 [n, S, S]}, the per-pixel mse and msgms maps of the held-out
+                           images, not smoothed (each level smooths them with its own sigma)
     defaults, threshold    the scoring options main_train.py calibrated for, and their Threshold
 Every other statistic (per-pixel mean/std, fusion scales, leave-one-out scores) is derived from the
 maps, so any map recipe and quantile can be scored from a checkpoint without re-reading images.
@@ -22,9 +23,10 @@ from engine import collect_error_maps
 from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
 from util.datasets import TestDataset, holdout_items
+from util.smoothing import GaussianSmoothing
 
-CALIBRATION_VERSION = 1
-MAP_OPTIONS = ("num_masks", "mask_pattern", "sigma")  # what the stored held-out maps depend on
+CALIBRATION_VERSION = 2  # 1 (never released) stored smoothed maps
+MAP_OPTIONS = ("num_masks", "mask_pattern")  # what the stored held-out maps depend on
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ScoringOptions:
     num_masks: int = 4
     mask_pattern: str = "stripes"
     sigma: float = 4.0
+    image_sigma: float = 2.0
     score: str = "max"
     topk_fraction: float = 0.01
     pixel_map: str = "mse"
@@ -58,10 +61,10 @@ def calibration_matches(calibration: dict[str, Any], options: ScoringOptions, in
 def holdout_error_maps(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
                        device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8,
                        num_workers: int = 0) -> dict[str, torch.Tensor]:
-    """Smoothed mse and msgms maps {error: [n, S, S]} of the held-out images data_path/train/good/<names>."""
+    """Per-pixel mse and msgms maps {error: [n, S, S]} of the held-out images data_path/train/good/<names>."""
     dataset = TestDataset(holdout_items(data_path, names), model.img_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern, options.sigma).to(device)
+    scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern).to(device)
     return collect_error_maps(scorer, loader, device, amp_dtype)
 
 
@@ -83,11 +86,17 @@ def fit_scoring(maps: dict[str, torch.Tensor], options: ScoringOptions):
     n = min(m.shape[0] for m in maps.values())
     if n < MIN_CALIBRATION_IMAGES:
         raise ValueError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} held-out images, got {n}")
-    pixel_stats, pixel_loo = fit_level(maps, MapSpec.parse(options.pixel_map))
-    image_stats, image_loo = fit_level(maps, MapSpec.parse(options.image_map))
+    pixel_stats, pixel_loo = fit_level(smoothed(maps, options.sigma), MapSpec.parse(options.pixel_map))
+    image_stats, image_loo = fit_level(smoothed(maps, options.image_sigma), MapSpec.parse(options.image_map))
     threshold = fit_threshold(image_loo, pixel_loo, options.score, options.topk_fraction,
                               options.image_quantile, options.pixel_quantile)
     return (pixel_stats, image_stats), threshold
+
+
+def smoothed(maps: dict[str, torch.Tensor], sigma: float) -> dict[str, torch.Tensor]:
+    """{error: [n, S, S]} smoothed by a Gaussian of sigma, as the scorer smooths (float32)."""
+    smoothing = GaussianSmoothing(sigma)
+    return {e: smoothing(m.float()) for e, m in maps.items()}
 
 
 def build_scorer(model: MaskedAutoencoderViT, options: ScoringOptions,
@@ -104,7 +113,7 @@ def build_scorer(model: MaskedAutoencoderViT, options: ScoringOptions,
     else:
         stats, threshold = fit_scoring(maps, options)
     scorer = AnomalyScorer(model, num_masks=options.num_masks, mask_pattern=options.mask_pattern,
-                           sigma=options.sigma, score=options.score, topk_fraction=options.topk_fraction,
+                           sigma=options.sigma, image_sigma=options.image_sigma, score=options.score, topk_fraction=options.topk_fraction,
                            pixel_map=options.pixel_map, image_map=options.image_map,
                            pixel_stats=stats[0], image_stats=stats[1])
     return scorer, threshold
