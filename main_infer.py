@@ -269,8 +269,9 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
         if explicit:
             raise UserError(f"{' '.join(explicit)} needs calibration on held-out normal images, but {source}; "
                             f"score uncalibrated with --pixel_map mse --image_map mse, or retrain with --holdout")
-        options = replace(options, pixel_map="mse", image_map="mse")
-        source = f"note: {source}: scoring uncalibrated as before (raw mse maps, image score = max), no threshold"
+        options = replace(options, pixel_map="mse", image_map="mse", image_sigma=options.sigma)
+        source = (f"note: {source}: scoring uncalibrated as before (raw mse map smoothed by --sigma, image score = "
+                  f"its {options.score}), no threshold")
     print(source, flush=True)
     try:
         scorer, threshold = build_calibrated_scorer(model, options, maps)

@@ -107,7 +107,7 @@ def test_old_checkpoints_score_uncalibrated_with_a_note(synthetic_category, tmp_
     torch.save({"model": unmerged_state_dict(create_model("mae_vit_tiny_patch7", img_size=SIZE, lora_rank=4)),
                 "optimizer": {}, "scaler": None, "epoch": 0, "args": TRAIN_ARGS}, old)
     code, stdout, err = _cli(main_infer, ["--checkpoint", old, "--data_path", synthetic_category,
-                                          "--output_dir", tmp_path / "o", *INFER], capsys)
+                                          "--output_dir", tmp_path / "o", *INFER, "--sigma", "3"], capsys)
     assert code == 0, err
     assert "note: the checkpoint has no held-out images" in stdout and "uncalibrated" in stdout
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
