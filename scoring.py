@@ -41,7 +41,7 @@ class ScoringOptions:
     topk_fraction: float = 0.01
     pixel_map: str = "mse"
     image_map: str = "fusion-absz"
-    image_quantile: float = 0.99
+    image_quantile: float = 0.95
     pixel_quantile: float = 0.999
 
     @property
