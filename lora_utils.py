@@ -199,9 +199,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unmerged_state_dict(model).items() if k in trainable}
 
 
-def export_adapter(model: nn.Module, path: str | Path, args: dict | None = None) -> None:
-    """Write an adapter file {'adapter': trainable tensors, 'args': training options}."""
-    save_atomic({"adapter": adapter_state_dict(model), "args": dict(args or {})}, path)
+def export_adapter(model: nn.Module, path: str | Path, args: dict | None = None, extra: dict | None = None) -> None:
+    """Write an adapter file {'adapter': trainable tensors, 'args': training options, **extra}
+    (`extra`: other entries of the training checkpoint that travel with it, e.g. its 'calibration')."""
+    save_atomic({**(extra or {}), "adapter": adapter_state_dict(model), "args": dict(args or {})}, path)
 
 
 def import_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
