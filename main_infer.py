@@ -13,7 +13,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_s
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
 from util.datasets import TestDataset, TestItem, find_test_items, load_mask, raw_layout_stem, unlabelled_items
+from util.files import output_stem, write_atomic
 from util.masks import MASK_PATTERNS
 from util.metrics import format_metrics_table, threshold_metrics
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device
@@ -281,11 +281,6 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
 
 
 # ---- data -------------------------------------------------------------------------------------
-def output_stem(rel_path: str) -> str:
-    """'test/crack/000.png' -> 'test/crack/000': where the image's .npy and .png go."""
-    return Path(rel_path).with_suffix("").as_posix()
-
-
 def build_items(data_path: Optional[str], images: Optional[str], split: str, output_dir: str) -> list[TestItem]:
     items = find_test_items(data_path, split) if data_path is not None else unlabelled_items(images)
     # `--images DIR --output_dir DIR/out` must not score its own overlays on a rerun.
@@ -315,28 +310,12 @@ def build_loader(dataset: TestDataset, batch_size: int, num_workers: int, device
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _write_atomic(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`.
-
-    An interruption (Ctrl-C, a crash) leaves either the old file or none, never half of one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_map(path: Path, anomaly_map: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(anomaly_map, dtype=np.float32)))
+    write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(anomaly_map, dtype=np.float32)))
 
 
 def save_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def prepare_output_dir(output_dir: str) -> Path:
@@ -373,7 +352,7 @@ def save_masks(out: Path, collector: ScoreCollector, pixel_threshold: float) -> 
     """masks/<stem>.png: 255 where the pixel map is at or above the pixel threshold, else 0."""
     for rel_path, anomaly_map in zip(collector.rel_paths, collector.maps):
         mask = Image.fromarray(np.where(anomaly_map >= pixel_threshold, 255, 0).astype(np.uint8))
-        _write_atomic(out / "masks" / f"{output_stem(rel_path)}.png", lambda f, m=mask: m.save(f, format="PNG"))
+        write_atomic(out / "masks" / f"{output_stem(rel_path)}.png", lambda f, m=mask: m.save(f, format="PNG"))
 
 
 # ---- the pass ---------------------------------------------------------------------------------
@@ -454,7 +433,7 @@ def tiff_paths(items: list[TestItem], category_dir: Path) -> list[Path]:
 def save_tiff(path: Path, anomaly_map: np.ndarray) -> None:
     """A float32 single-channel TIFF (Pillow mode 'F': 32-bit IEEE samples, read back exactly)."""
     image = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32))
-    _write_atomic(path, lambda f: image.save(f, format="TIFF"))
+    write_atomic(path, lambda f: image.save(f, format="TIFF"))
 
 
 def write_tiffs(dataset: TestDataset, collector: ScoreCollector, paths: list[Path]) -> None:
