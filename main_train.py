@@ -27,12 +27,13 @@ from models_mae import MODELS, AnomalyScorer, create_model
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
 from util.cli import UserError, run_cli, warn
-from util.datasets import TestDataset, TrainDataset, find_test_items
+from util.datasets import TestDataset, TrainDataset, find_test_items, holdout_names
 from util.logger import RunLogger
 from util.masks import make_inference_masks
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device, save_atomic
 
 PATCH_SIZE = 7  # every registered model uses 7x7 patches
+DEFAULT_HOLDOUT = 0.1  # --holdout when not given
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 EVAL_NUM_MASKS = 4  # views of --eval_every's scoring (main_infer.py's default)
 
@@ -53,6 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_jitter", action="store_true",
                    help="no training jiggle (by default each image is shifted at random by up to "
                         "1%% of its size each way (at least 1 px), at the test images' scale)")
+    g.add_argument("--holdout", default=None, type=float, metavar="FRACTION",
+                   help="fraction of train/good kept out of training (seeded by --seed; at least 5 images) to "
+                        "calibrate the anomaly scores and the decision threshold on normal images; 0 = none "
+                        "(then scoring is uncalibrated and has no threshold) (default: 0.1, or none with a warning "
+                        "when train/good has fewer than 10 images)")
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes per training process")
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster GPU transfers (the default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")
@@ -138,6 +144,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--eval_every with --input_size {args.input_size}: {e}; use an --input_size whose "
                             f"grid side (input_size/7) is a multiple of {EVAL_NUM_MASKS}, e.g. 56, 112 or 224, "
                             f"or --eval_every 0") from e
+    if args.holdout is not None and not 0.0 <= args.holdout < 0.5:
+        raise UserError(f"--holdout {args.holdout}: must be in [0, 0.5) (a fraction of train/good; 0 = none)")
     if not 0.0 < args.train_mask_ratio < 1.0:
         raise UserError(f"--train_mask_ratio {args.train_mask_ratio}: must be between 0 and 1 (MAE uses 0.75)")
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -163,6 +171,10 @@ def resolve_options(args: argparse.Namespace, world_size: int, amp_dtype: Option
         log_dir=args.log_dir or args.output_dir,
         amp_dtype={torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[amp_dtype],
         device_type=device.type,
+        # The held-out normal images, by name: inference calibrates on them; training never sees them.
+        holdout=DEFAULT_HOLDOUT if args.holdout is None else args.holdout,
+        holdout_files=holdout_names(args.data_path, DEFAULT_HOLDOUT if args.holdout is None else args.holdout,
+                                    args.seed, strict=args.holdout is not None),
     )
     return options
 
@@ -175,10 +187,12 @@ def seed_everything(seed: int) -> None:
 
 
 def build_data(data_path: str, input_size: int, jitter: bool, batch_size: int, num_workers: int,
-               pin_memory: bool, rank: int, world_size: int, seed: int) -> tuple[DistributedSampler, DataLoader]:
-    """Training images and their loader. The sampler shuffles with (seed, epoch), the same on every
-    rank, and gives each rank an equal share (so DDP ranks run the same number of steps)."""
-    dataset = TrainDataset(data_path, input_size, jitter=jitter)
+               pin_memory: bool, rank: int, world_size: int, seed: int,
+               holdout_files: list[str]) -> tuple[DistributedSampler, DataLoader]:
+    """Training images (all of train/good but `holdout_files`) and their loader. The sampler shuffles
+    with (seed, epoch), the same on every rank, and gives each rank an equal share (so DDP ranks run
+    the same number of steps)."""
+    dataset = TrainDataset(data_path, input_size, jitter=jitter, exclude=holdout_files)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     per_rank = len(sampler)
     if per_rank < batch_size:
@@ -330,6 +344,9 @@ def read_resume_checkpoint(path: Path, options: dict[str, Any]) -> dict[str, Any
             return ", ".join(f"{k}={_norm(o.get(k))}" for k in differ)
         raise UserError(f"--resume {path} is for another model ({describe(theirs)}) than this run ({describe(options)}): "
                         f"pass the same --model/--input_size/--lora_* options, or use another --output_dir")
+    if sorted(theirs.get("holdout_files", [])) != sorted(options["holdout_files"]):
+        raise UserError(f"--resume {path} held out other images (--holdout/--seed/data changed): continuing would "
+                        f"train on images it calibrates with; pass the same --holdout and --seed, or another --output_dir")
     return checkpoint
 
 
@@ -434,7 +451,7 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
 
     sampler, loader = build_data(args.data_path, args.input_size, not args.no_jitter, args.batch_size,
                                  args.num_workers, args.pin_mem and device.type == "cuda", info.rank,
-                                 info.world_size, args.seed)
+                                 info.world_size, args.seed, options["holdout_files"])
     resume_path = find_resume(args.resume, options["output_dir"], is_main)
     checkpoint = read_resume_checkpoint(resume_path, options) if resume_path else None
     model = build_model(args.model, args.input_size, args.norm_pix_loss, args.lora_rank, options["lora_alpha"],
@@ -463,7 +480,8 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
         if resume_path is not None and trim_log(out / "log.txt", start_epoch):
             print(f"log.txt: dropped the records of epochs {start_epoch}+ written after {resume_path.name} was saved")
         (out / "args.json").write_text(json.dumps(options, indent=2) + "\n")
-        print(f"training {args.model} on {len(loader.dataset)} images, {info.world_size} process(es) on {device}, "
+        held = len(options["holdout_files"])
+        print(f"training {args.model} on {len(loader.dataset)} images ({held} held out for calibration), {info.world_size} process(es) on {device}, "
               f"amp {options['amp_dtype']}, lr {options['lr']:.3e} (effective batch {options['eff_batch_size']}), "
               f"epochs {start_epoch}..{args.epochs - 1}")
     logger = RunLogger(out, options["log_dir"], enabled=is_main, wandb_name=args.wandb_name, config=options)

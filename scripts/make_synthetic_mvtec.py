@@ -1,13 +1,19 @@
 """A procedurally generated MVTec-style category (raw MVTec layout), for demos and tests.
 
-Two kinds:
+Three kinds:
   capsule  an oblong two-tone gelatin capsule (dark red cap, ivory body with a printed code) on a
            plain light background, modelled on MVTec AD's capsule. Defects: crack, poke, scratch,
            faulty_imprint, squeeze.
   texture  a woven, slightly grainy textile seen from above (like MVTec's carpet). Defects: cut,
            stain, hole, thread.
+  pcb      a photographed close-up of a small SMD circuit board: green solder mask with glass-fibre
+           grain, copper traces of slightly varying width, silkscreen, an IC, resistors and
+           capacitors with metal end caps, vias; uneven light with a soft reflection, mild blur,
+           read and shot noise; each board shifted and turned a little, each part placed within
+           a tolerance of 1-2 px. Defects: missing_component, solder_bridge, scratch,
+           contamination, broken_trace.
 
-Images are rendered at 3x (capsule) or 2x (texture) supersampling and box-downscaled, so edges are
+Images are rendered at 3x (capsule) or 2x (texture, pcb) supersampling and box-downscaled, so edges are
 anti-aliased, then lit (vignetting, gain), and sensor noise is added. Every anomalous image is
 rendered twice from the same random state, with and without its defect; its mask is the set of
 pixels the defect changed (more than 6/255 in some channel), so the ground truth is exact and lies
@@ -34,10 +40,11 @@ from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 DEFECTS = {
     "capsule": ("crack", "poke", "scratch", "faulty_imprint", "squeeze"),
     "texture": ("cut", "stain", "hole", "thread"),
+    "pcb": ("missing_component", "solder_bridge", "scratch", "contamination", "broken_trace"),
 }
 MARKER = ".synthetic_mvtec.json"  # written into DST; lets a rerun replace its own output
 MASK_THRESHOLD = 6.0 / 255.0  # a pixel belongs to the defect when the defect changed it this much
-_KIND_CODE = {"capsule": 1, "texture": 2}
+_KIND_CODE = {"capsule": 1, "texture": 2, "pcb": 3}
 
 Array = np.ndarray
 
@@ -550,6 +557,368 @@ def _texture_image(w: _Weave, rng: np.random.Generator, defect: Optional[str]
     raise RuntimeError(f"could not draw a visible {defect} at size {s}")
 
 
+# ------------------------------------------------------------------------------------------- pcb
+class _Board:
+    """The fixed design of a small SMD board (one product, like an MVTec category), in fractions of
+    the image side: a 14-pin IC, six two-terminal parts, vias, a fiducial, traces and silkscreen.
+
+    Every image places this design with its own shift, rotation and part tolerances; all geometry is
+    drawn with PIL at SS resolution through `to_ss`, so only coordinates are transformed."""
+
+    SS = 2
+    IC = (0.60, 0.42, 0.30, 0.20)  # centre x, y, body width, height
+    PIN_PITCH, PIN_W, PIN_OUT = 0.038, 0.018, 0.035  # pins stick out of the body by PIN_OUT
+    # (x, y, vertical, kind R or C, label)
+    PARTS = ((0.17, 0.22, False, "R", "R1"), (0.17, 0.40, False, "R", "R2"),
+             (0.15, 0.66, True, "C", "C1"), (0.42, 0.80, False, "C", "C2"),
+             (0.82, 0.76, True, "R", "R3"), (0.88, 0.22, True, "C", "C3"))
+    PART_L, PART_W, CAP_L, PAD_OFF = 0.10, 0.05, 0.022, 0.045
+    VIAS = ((0.08, 0.88), (0.33, 0.12), (0.92, 0.48), (0.64, 0.90), (0.30, 0.55))
+    TRACES = (
+        ((0.215, 0.22), (0.42, 0.22), (0.486, 0.285)),
+        ((0.562, 0.285), (0.562, 0.20), (0.60, 0.16), (0.60, -0.05)),
+        ((0.638, 0.285), (0.638, 0.22), (0.70, 0.16), (0.86, 0.16), (0.88, 0.175)),
+        ((0.714, 0.285), (0.78, 0.22), (0.78, -0.05)),
+        ((0.215, 0.40), (0.30, 0.40), (0.30, 0.55)),
+        ((0.524, 0.555), (0.524, 0.62), (0.465, 0.68), (0.465, 0.80)),
+        ((0.60, 0.555), (0.60, 0.70), (0.64, 0.74), (0.64, 0.90)),
+        ((0.676, 0.555), (0.676, 0.62), (0.82, 0.62), (0.82, 0.715)),
+        ((0.82, 0.805), (0.82, 1.05)),
+        ((0.15, 0.615), (0.15, 0.52), (0.11, 0.48), (0.11, 0.40), (0.125, 0.40)),
+        ((0.15, 0.705), (0.15, 0.81), (0.08, 0.88)),
+        ((0.375, 0.80), (0.25, 0.80), (0.20, 0.92), (-0.05, 0.92)),
+        ((0.125, 0.22), (-0.05, 0.22)),
+        ((0.92, 0.48), (1.05, 0.48)),
+    )
+    TRACE_W = 0.02
+
+    def __init__(self, size: int):
+        self.size = s = size
+        self.pins = [(self.IC[0] + (i - 3) * self.PIN_PITCH, side)
+                     for side in (-1, 1) for i in range(7)]  # (x, -1 top / +1 bottom row)
+        # traces resampled every half output pixel, so a union of discs draws them smoothly
+        self.traces = []
+        for poly in self.TRACES:
+            pts = np.asarray(poly, dtype=np.float64) * s
+            seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+            t = np.concatenate([[0.0], np.cumsum(seg)])
+            q = np.linspace(0.0, t[-1], max(2, int(t[-1] * 2)))
+            self.traces.append(np.stack([np.interp(q, t, pts[:, 0]),
+                                         np.interp(q, t, pts[:, 1])], 1))  # [k, 2]
+
+    def part_box(self, j: int, a0: float, a1: float, c0: float, c1: float
+                 ) -> Tuple[float, float, float, float]:
+        """A box on part j as (x0, y0, x1, y1) in fractions, given along (a) and across (c) the
+        part, relative to its centre."""
+        x, y, vertical = self.PARTS[j][:3]
+        if vertical:
+            return x + c0, y + a0, x + c1, y + a1
+        return x + a0, y + c0, x + a1, y + c1
+
+    def pin_rect(self, i: int, length_extra: float = 0.0) -> Tuple[float, float, float, float]:
+        """Pin i's lead as (x0, y0, x1, y1) in fractions: from inside the body to its tip."""
+        x, side = self.pins[i]
+        edge = self.IC[1] + side * self.IC[3] / 2
+        y0, y1 = sorted((edge - side * 0.01, edge + side * (self.PIN_OUT + length_extra)))
+        return x - self.PIN_W / 2, y0, x + self.PIN_W / 2, y1
+
+
+@lru_cache(maxsize=4)
+def _board_geometry(size: int) -> _Board:
+    return _Board(size)
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _pcb_params(rng: np.random.Generator, b: _Board) -> dict:
+    s = b.size
+    return {
+        "theta": float(np.deg2rad(np.clip(rng.normal(0, 0.6), -1.4, 1.4))),
+        "shift": np.clip(rng.normal(0, 0.008 * s, 2), -0.02 * s, 0.02 * s),
+        # placement tolerance of each part and of the silkscreen print, output pixels / radians
+        "part_shift": np.clip(rng.normal(0, 0.003 * s, (len(b.PARTS) + 1, 2)),
+                              -0.009 * s, 0.009 * s),
+        "part_turn": np.deg2rad(np.clip(rng.normal(0, 1.0, len(b.PARTS) + 1), -2.5, 2.5)),
+        "silk_shift": rng.normal(0, 0.002 * s, 2),
+        # etching makes trace widths wander slightly along each trace
+        "trace_w": [1.0 + 0.08 * np.interp(np.arange(len(t)), np.linspace(0, len(t), 8),
+                                           rng.normal(0, 1, 8)) for t in b.traces],
+        "mask": (np.array([0.09, 0.33, 0.17]) * rng.uniform(0.92, 1.08)
+                 * rng.normal(1.0, 0.03, 3)).astype(np.float32),
+        "metal": (np.array([0.80, 0.79, 0.75]) * rng.uniform(0.93, 1.05)).astype(np.float32),
+        "blur": float(rng.uniform(0.45, 0.75)),
+        # glass-fibre weave under the mask (fine, anisotropic) and uneven mask thickness (smooth)
+        "grain": rng.normal(0, 1, (2, s, s)).astype(np.float32),
+        "blotch": _smooth_noise(rng, s, 8),
+        "metal_var": ndimage.gaussian_filter(rng.normal(0, 2.0, (s, s)), 0.8).astype(np.float32),
+    }
+
+
+def _pcb_defect_params(rng: np.random.Generator, defect: str, b: _Board) -> dict:
+    s = b.size
+    p: dict = {"defect": defect}
+    if defect == "missing_component":
+        p["part"] = int(rng.integers(len(b.PARTS)))
+    elif defect == "solder_bridge":
+        i = int(rng.choice([k for k in range(len(b.pins) - 1) if k != 6]))  # neighbours on one side
+        (x0, side), (x1, _) = b.pins[i], b.pins[i + 1]
+        edge = b.IC[1] + side * b.IC[3] / 2
+        centre = np.array([(x0 + x1) / 2, edge + side * rng.uniform(0.012, 0.026)]) * s
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        rx = (b.PIN_PITCH / 2 + b.PIN_W * rng.uniform(0.25, 0.5)) * s
+        ry = rng.uniform(0.010, 0.016) * s
+        wob = 1 + rng.normal(0, 0.06, 24)
+        p["poly"] = np.stack([centre[0] + rx * wob * np.cos(t),
+                              centre[1] + ry * wob * np.sin(t)], 1)
+    elif defect == "scratch":
+        # through a trace, so it crosses both bare mask and copper
+        tr = b.traces[int(rng.integers(len(b.traces)))]
+        c = tr[int(rng.integers(len(tr) // 4, max(len(tr) // 4 + 1, 3 * len(tr) // 4)))]
+        path = _smooth_path(rng, c, rng.uniform(0, 2 * np.pi), 10,
+                            rng.uniform(0.018, 0.03) * s, 0.05)
+        p.update(path=path - (path[-1] - path[0]) / 2, width=rng.uniform(0.004, 0.007) * s)
+    elif defect == "contamination":
+        c = rng.uniform(0.15, 0.85, 2) * s
+        if rng.random() < 0.5:  # a brown stain (flux residue, a dried drop)
+            k = np.arange(1, 5)
+            amp, ph = rng.normal(0, 0.15, 4) / k, rng.uniform(0, 2 * np.pi, 4)
+            t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+            wobble = (amp[None] * np.cos(k[None] * t[:, None] + ph[None])).sum(1)
+            r = rng.uniform(0.03, 0.05) * s * (1 + wobble)
+            p.update(stain=np.stack([c[0] + r * np.cos(t), c[1] + r * np.sin(t)], 1))
+        else:  # a dark dust fibre lying on the board
+            p.update(fibre=_smooth_path(rng, c, rng.uniform(0, 2 * np.pi), 12,
+                                        rng.uniform(0.010, 0.016) * s, 0.35),
+                     width=rng.uniform(0.004, 0.006) * s)
+    elif defect == "broken_trace":
+        k = int(rng.integers(len(b.traces)))
+        tr = b.traces[k]
+        j = int(rng.integers(int(0.3 * len(tr)), max(int(0.3 * len(tr)) + 1, int(0.7 * len(tr)))))
+        d = tr[min(j + 1, len(tr) - 1)] - tr[max(j - 1, 0)]
+        d = d / max(np.linalg.norm(d), 1e-9)
+        n = np.array([-d[1], d[0]])
+        gap, across = rng.uniform(0.012, 0.025) * s / 2, b.TRACE_W * s
+        corners = [tr[j] + sa * gap * d + sb * across * n
+                   for sa, sb in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+        p.update(poly=np.asarray(corners) + rng.normal(0, 0.08 * gap, (4, 2)))
+    return p
+
+
+def _paint(col: Array, cov: Array, colour) -> None:
+    """In place: col <- col + cov * (colour - col) where cov > 0 (most layers cover little).
+    colour is one colour [3] or per pixel [n, n, 3]."""
+    idx = np.flatnonzero(cov)
+    flat = col.reshape(-1, 3)
+    colour = np.asarray(colour, np.float32)
+    target = colour.reshape(-1, 3)[idx] if colour.ndim == 3 else colour
+    cur = flat[idx]
+    flat[idx] = cur + cov.reshape(-1)[idx, None] * (target - cur)
+
+
+class _Pose:
+    """Where one image puts the board design: its shift and turn, drawn at SS resolution."""
+
+    def __init__(self, b: _Board, p: dict):
+        self.s, self.ss, self.theta, self.shift = b.size, b.SS, p["theta"], p["shift"]
+
+    def to_ss(self, pts, off=(0.0, 0.0), turn: float = 0.0, pivot=None
+              ) -> List[Tuple[float, float]]:
+        """Board points [k, 2] in output pixels -> image coordinates at SS resolution; a part's
+        own tolerance (offset, turn about its pivot) is applied first."""
+        s, ct, st = self.s, np.cos(self.theta), np.sin(self.theta)
+        pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        if turn:
+            c, sn = np.cos(turn), np.sin(turn)
+            q = pts - pivot
+            pts = pivot + np.stack([c * q[:, 0] - sn * q[:, 1], sn * q[:, 0] + c * q[:, 1]], 1)
+        q = pts + np.asarray(off) - s / 2
+        x = s / 2 + ct * q[:, 0] - st * q[:, 1] + self.shift[0]
+        y = s / 2 + st * q[:, 0] + ct * q[:, 1] + self.shift[1]
+        return list(zip((x * self.ss).tolist(), (y * self.ss).tolist()))
+
+    def rect(self, x0: float, y0: float, x1: float, y1: float, **tol) -> List[Tuple[float, float]]:
+        """Corners of a rectangle given in fractions of the side."""
+        return self.to_ss(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) * self.s, **tol)
+
+    def disc(self, draw: ImageDraw.ImageDraw, centre: Tuple[float, float], r: float) -> None:
+        """A filled circle; centre and radius in fractions of the side."""
+        (x, y), = self.to_ss(np.asarray(centre) * self.s)
+        r = r * self.s * self.ss
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+
+    def text(self, layer: Image.Image, words: str, centre: Tuple[float, float], height: float,
+             off=(0.0, 0.0)) -> None:
+        """Print words centred at centre (fractions), turned with the board."""
+        font = _font(max(6, int(round(height * self.s * self.ss))))
+        box = font.getbbox(words)
+        im, dr = _layer((box[3] - box[1] + 4, box[2] - box[0] + 4))
+        dr.text((2 - box[0], 2 - box[1]), words, fill=255, font=font)
+        im = im.rotate(-np.rad2deg(self.theta), resample=Image.BILINEAR, expand=True)
+        (x, y), = self.to_ss(np.asarray(centre) * self.s, off=off)
+        layer.paste(im, (int(round(x - im.width / 2)), int(round(y - im.height / 2))), mask=im)
+
+
+def _draw_board(b: _Board, pose: _Pose, p: dict, d: Optional[dict]) -> Dict[str, Array]:
+    """Coverage layers [n, n] of the board at SS resolution: trace (copper under the mask), pad
+    (bare tinned copper), hole, silk, R / C / IC (part bodies), ink (IC marking), caps (end caps
+    and leads), plus the defect's own layer under its name (not for missing_component)."""
+    s, ss, n = b.size, b.SS, b.size * b.SS
+    kind = d["defect"] if d else None
+    names = ("trace", "pad", "hole", "silk", "R", "C", "IC", "ink", "caps") + \
+        ((kind,) if kind not in (None, "missing_component") else ())
+    layers = {name: _layer((n, n)) for name in names}
+    draw = {name: dr for name, (_, dr) in layers.items()}
+    for tr, w in zip(b.traces, p["trace_w"]):
+        for (x, y), r in zip(pose.to_ss(tr), b.TRACE_W * s / 2 * ss * w):
+            draw["trace"].ellipse((x - r, y - r, x + r, y + r), fill=255)
+    for i in range(len(b.pins)):
+        x0, y0, x1, y1 = b.pin_rect(i, 0.02)
+        draw["pad"].polygon(pose.rect(x0 - 0.003, y0, x1 + 0.003, y1), fill=255)
+    for centre in b.VIAS:
+        pose.disc(draw["pad"], centre, 0.018)
+        pose.disc(draw["hole"], centre, 0.008)
+    pose.disc(draw["pad"], (0.93, 0.93), 0.014)  # fiducial
+    silk = dict(off=p["silk_shift"])
+    silk_w = max(1, int(0.006 * s * ss))
+    half_l, half_w = b.PART_L / 2, b.PART_W / 2
+    for j, (x, y, vertical, part, label) in enumerate(b.PARTS):
+        for sgn in (-1, 1):
+            draw["pad"].polygon(pose.rect(*b.part_box(j, sgn * b.PAD_OFF - 0.0175,
+                                                      sgn * b.PAD_OFF + 0.0175, -0.0325, 0.0325)),
+                                fill=255)
+        for sgn in (-1, 1):  # silkscreen: the two long sides of the outline, beside the pads
+            side = np.array(b.part_box(j, -0.08, 0.08, sgn * 0.05, sgn * 0.05)).reshape(2, 2) * s
+            draw["silk"].line(pose.to_ss(side, **silk), fill=255, width=silk_w)
+        lab = np.array([x, y]) + (np.array([0.085, 0.0]) if vertical else np.array([0.0, -0.065]))
+        pose.text(layers["silk"][0], label, lab, 0.05, **silk)
+        if kind == "missing_component" and d["part"] == j:
+            continue
+        tol = dict(off=p["part_shift"][j], turn=p["part_turn"][j], pivot=np.array([x, y]) * s)
+        draw[part].polygon(pose.rect(*b.part_box(j, -half_l, half_l, -half_w, half_w), **tol),
+                           fill=255)
+        for sgn in (-1, 1):
+            lo, hi = sorted((sgn * half_l, sgn * (half_l - b.CAP_L)))
+            draw["caps"].polygon(pose.rect(*b.part_box(j, lo, hi, -half_w, half_w), **tol),
+                                 fill=255)
+    cx, cy, bw, bh = b.IC
+    tol = dict(off=p["part_shift"][-1], turn=p["part_turn"][-1], pivot=np.array([cx, cy]) * s)
+    draw["IC"].polygon(pose.rect(cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2, **tol),
+                       fill=255)
+    for i in range(len(b.pins)):
+        draw["caps"].polygon(pose.rect(*b.pin_rect(i), **tol), fill=255)
+    dot = pose.to_ss(np.array([[cx - bw / 2 + 0.02, cy + bh / 2 - 0.045],
+                               [cx - bw / 2 + 0.045, cy + bh / 2 - 0.02]]) * s, **tol)
+    draw["ink"].ellipse(dot, fill=150)  # pin-1 mark
+    pose.text(layers["ink"][0], "MX7A 2541", (cx, cy - 0.02), 0.04, off=tol["off"])
+    u1 = np.array([[cx - bw / 2 - 0.02, cy - 0.05], [cx - bw / 2 - 0.02, cy + 0.05]]) * s
+    draw["silk"].line(pose.to_ss(u1, **silk), fill=255, width=silk_w)
+    pose.text(layers["silk"][0], "U1", (cx - bw / 2 - 0.06, cy), 0.05, **silk)
+    pose.text(layers["silk"][0], "MAE-AD REV.B", (0.30, 0.965), 0.045, **silk)
+    if kind in ("broken_trace", "solder_bridge"):
+        draw[kind].polygon(pose.to_ss(d["poly"]), fill=255)
+    elif kind == "scratch":
+        draw[kind].line(pose.to_ss(d["path"]), fill=255, width=max(1, int(round(d["width"] * ss))),
+                        joint="curve")
+    elif kind == "contamination" and "stain" in d:
+        draw[kind].polygon(pose.to_ss(d["stain"]), fill=255)
+    elif kind == "contamination":
+        draw[kind].line(pose.to_ss(d["fibre"]), fill=255, width=max(1, int(round(d["width"] * ss))),
+                        joint="curve")
+    return {name: _coverage(img) for name, (img, _) in layers.items()}
+
+
+def _render_pcb(b: _Board, p: dict, d: Optional[dict]) -> Tuple[Array, Array]:
+    """-> colour [S, S, 3] of the board before lighting, blur and noise, and its metal
+    coverage [S, S] (shiny: it takes more of the reflection)."""
+    ss, n = b.SS, b.size * b.SS
+    kind = d["defect"] if d else None
+    cov = _draw_board(b, _Pose(b, p), p, d)
+    trace = cov["trace"]
+    if kind == "broken_trace":  # etched away across the whole trace: the mask lies on bare laminate
+        trace = trace * (1 - cov[kind])
+    col = np.empty((n, n, 3), np.float32)
+    col[:] = p["mask"]
+    _paint(col, trace, p["mask"] * np.array([1.55, 1.30, 1.25]))  # copper under the green mask
+    if kind == "broken_trace":  # the cut edges of the copper leave a dark rim
+        rim = np.clip(ndimage.gaussian_filter(cov[kind], 0.5 * ss) - cov[kind], 0, 1)
+        col = col * (1 - 0.5 * rim[..., None])
+    _paint(col, cov["pad"], p["metal"] * 0.95)
+    _paint(col, cov["hole"], (0.03, 0.03, 0.03))
+    _paint(col, cov["silk"] * 0.92, (0.93, 0.93, 0.88))
+    parts = cov["R"] + cov["C"] + cov["IC"]
+    # parts stand above the board: a soft shadow down-right of them
+    shadow = np.roll(ndimage.gaussian_filter(np.clip(parts + cov["caps"], 0, 1), 0.8 * ss),
+                     (ss, ss), (0, 1))
+    col = col * (1 - 0.45 * shadow[..., None])
+    _paint(col, cov["R"], (0.07, 0.07, 0.07))
+    _paint(col, cov["C"], (0.60, 0.48, 0.33))
+    _paint(col, cov["IC"], (0.11, 0.11, 0.12))
+    _paint(col, cov["ink"] * 0.8, (0.32, 0.32, 0.32))
+    _paint(col, cov["caps"], p["metal"])
+    metal = np.clip(cov["pad"] + cov["caps"], 0, 1)
+    if kind == "solder_bridge":
+        blob = cov[kind]
+        dome = ndimage.gaussian_filter(blob, 1.0 * ss)  # a rounded blob: bright crest, darker rim
+        _paint(col, blob, p["metal"] * (0.55 + 0.6 * dome[..., None]))
+        metal = np.maximum(metal, blob)
+    elif kind == "scratch":
+        sc = cov[kind] * (1 - np.clip(parts + cov["caps"], 0, 1))
+        # through the mask: bright copper on a trace, pale scuffed mask elsewhere
+        target = trace[..., None] * np.array([0.85, 0.55, 0.35], np.float32) + \
+            (1 - trace[..., None]) * np.array([0.45, 0.62, 0.48], np.float32)
+        col = col + (0.85 * sc)[..., None] * (target - col)
+    elif kind == "contamination" and "stain" in d:
+        soft = ndimage.gaussian_filter(cov[kind], 1.2 * ss)
+        col = col * (1 - soft[..., None] * np.array([0.35, 0.55, 0.70], np.float32))
+    elif kind == "contamination":
+        _paint(col, cov[kind] * 0.9, (0.06, 0.05, 0.04))
+    out = _box_down(col, ss)
+    metal = _box_down(metal, ss)
+    # glass-fibre weave shows faintly through the mask; metal has its own grainy sheen
+    weave = (ndimage.gaussian_filter(p["grain"][0], (0.5, 2.5))
+             + ndimage.gaussian_filter(p["grain"][1], (2.5, 0.5)))
+    tex = (1 - metal) * (0.10 * weave + 0.05 * p["blotch"]) + metal * 0.12 * p["metal_var"]
+    return out * (1 + tex[..., None]), metal
+
+
+def _pcb_image(b: _Board, rng: np.random.Generator, defect: Optional[str]
+               ) -> Tuple[Array, Optional[Array]]:
+    s = b.size
+    p = _pcb_params(rng, b)
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1) * 2 - 1
+    ang = rng.uniform(0, 2 * np.pi)
+    light = _lighting(s, rng, (0.15, 0.30))
+    light = light * (1 + rng.uniform(0.05, 0.15) * (np.cos(ang) * x + np.sin(ang) * y))[..., None]
+    hx, hy = rng.uniform(-0.6, 0.6, 2)
+    hr, hk = rng.uniform(0.25, 0.5), rng.uniform(0.06, 0.14)
+    # a soft reflection of the lamp, strongest on metal
+    highlight = (hk * np.exp(-((x - hx) ** 2 + (y - hy) ** 2) / hr ** 2))[..., None]
+    read = rng.normal(0, 1.5 / 255, (s, s, 3)).astype(np.float32)
+    shot = rng.normal(0, 1, (s, s, 3)).astype(np.float32)
+
+    def photo(col: Array, metal: Array) -> Array:
+        blurred = ndimage.gaussian_filter(col, (p["blur"], p["blur"], 0))
+        gloss = 0.35 + 0.65 * ndimage.gaussian_filter(metal, p["blur"])[..., None]
+        return blurred * light + highlight * gloss
+
+    def finish(img: Array) -> Array:  # read noise + photon (shot) noise growing with brightness
+        return _finish(img, read + 0.012 * np.sqrt(np.clip(img, 0, 1)) * shot)
+
+    clean = photo(*_render_pcb(b, p, None))
+    if defect is None:
+        return finish(clean), None
+    for _ in range(10):
+        d = _pcb_defect_params(rng, defect, b)
+        bad = photo(*_render_pcb(b, p, d))
+        mask = np.abs(bad - clean).max(axis=2) > MASK_THRESHOLD
+        if mask.any():
+            return finish(bad), mask
+    raise RuntimeError(f"could not draw a visible {defect} at size {s}")
+
+
 # ------------------------------------------------------------------------------------ category
 def render_image(kind: str, size: int, seed: int, split: int, defect: Optional[str], index: int
                  ) -> Tuple[Array, Optional[Array]]:
@@ -557,9 +926,17 @@ def render_image(kind: str, size: int, seed: int, split: int, defect: Optional[s
     if kind not in DEFECTS:
         raise UserError(f"unknown --kind {kind}; choose one of {', '.join(DEFECTS)}")
     code = 0 if defect is None else 1 + DEFECTS[kind].index(defect)
-    rng = _rng(seed, kind, split, code, index)
+    return render_from(kind, size, _rng(seed, kind, split, code, index), defect)
+
+
+def render_from(kind: str, size: int, rng: np.random.Generator, defect: Optional[str]
+                ) -> Tuple[Array, Optional[Array]]:
+    """render_image from a given random stream. Each kind draws the normal image's randomness
+    before the defect's, so with defect=None the same stream gives the defect-free original."""
     if kind == "capsule":
         return _capsule_image(_capsule_geometry(size), rng, defect)
+    if kind == "pcb":
+        return _pcb_image(_board_geometry(size), rng, defect)
     return _texture_image(_weave_geometry(size), rng, defect)
 
 
@@ -625,7 +1002,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                     ".../test/<defect>/000.png and .../ground_truth/<defect>/000_mask.png "
                     "(0/255 masks of exactly the pixels each defect changed). Kind 'capsule' is a two-tone printed capsule on a light "
                     "background (defects: crack, poke, scratch, faulty_imprint, squeeze); kind "
-                    "'texture' is a woven textile (defects: cut, stain, hole, thread). The output "
+                    "'texture' is a woven textile (defects: cut, stain, hole, thread); kind 'pcb' "
+                    "is a photo-like circuit board close-up (defects: missing_component, "
+                    "solder_bridge, scratch, contamination, broken_trace). The output "
                     "is determined by --seed. About 30 s at the defaults on 2 CPU cores.",
         epilog="Example: python scripts/make_synthetic_mvtec.py --dst data && "
                "python main_train.py --data_path data/capsule_synth ...",
@@ -635,7 +1014,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "DST/<category> (pass that folder as --data_path)")
     p.add_argument("--category", default=None,
                    help="category folder name inside DST (default: capsule_synth for --kind "
-                        "capsule, texture_synth for --kind texture)")
+                        "capsule, texture_synth for --kind texture, pcb_synth for --kind pcb)")
     p.add_argument("--kind", default="capsule", choices=sorted(DEFECTS),
                    help="what to draw (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,

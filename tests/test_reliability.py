@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 SIZE = 56  # tiny model, 8x8 patch grid
 TINY = ["--model", "mae_vit_tiny_patch7", "--input_size", str(SIZE), "--batch_size", "4", "--num_workers", "0",
-        "--warmup_epochs", "1", "--print_freq", "1", "--blr", "1e-2"]
+        "--warmup_epochs", "1", "--print_freq", "1", "--blr", "1e-2", "--holdout", "0"]
 TRAIN_ARGS = {"model": "mae_vit_tiny_patch7", "input_size": SIZE, "norm_pix_loss": False, "lora_rank": 4,
               "lora_alpha": 4.0, "lora_dropout": 0.0, "lora_targets": ["qkv", "proj"], "epochs": 1}
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

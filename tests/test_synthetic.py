@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from scripts.make_synthetic_mvtec import DEFECTS, MARKER, get_args_parser, make_category
+from scripts.make_synthetic_mvtec import (DEFECTS, MARKER, _rng, get_args_parser, main,
+                                          make_category, render_from, render_image)
 from util.cli import UserError
 
 
@@ -19,7 +20,7 @@ def _load(p: Path) -> np.ndarray:
     return np.asarray(Image.open(p))
 
 
-@pytest.mark.parametrize("kind", ["capsule", "texture"])
+@pytest.mark.parametrize("kind", sorted(DEFECTS))
 def test_deterministic_for_a_seed(tmp_path, kind):
     kw = dict(size=48, n_train=2, n_test_good=1, n_per_defect=1, kind=kind)
     make_category(tmp_path / "a", seed=3, **kw)
@@ -73,6 +74,27 @@ def test_texture_kind(tmp_path):
     assert good.std() > 5  # a texture, not a flat colour
 
 
+@pytest.mark.parametrize("kind", sorted(DEFECTS))
+def test_normal_images_vary_and_defects_change_only_their_mask(kind):
+    size = 96
+    goods = [render_image(kind, size, 0, 0, None, i)[0].astype(float) for i in range(3)]
+    for a, b in ((0, 1), (1, 2)):  # part-to-part variation: no two normal images alike
+        assert np.abs(goods[a] - goods[b]).mean() > 1.0, kind
+    for code, defect in enumerate(DEFECTS[kind], start=1):
+        for i in range(2):
+            img, mask = render_image(kind, size, 0, 1, defect, i)
+            assert mask.shape == (size, size) and mask.dtype == bool, defect
+            assert 0 < mask.sum() < 0.1 * mask.size, (defect, mask.mean())
+            # the same random stream without its defect: the normal board it was drawn on
+            clean, none = render_from(kind, size, _rng(0, kind, 1, code, i), None)
+            assert none is None
+            changed = np.abs(img.astype(float) - clean.astype(float)).max(axis=2) > 8
+            assert changed.any(), defect
+            near = ndimage.binary_dilation(mask, iterations=1)
+            assert not (changed & ~near).any(), defect
+            assert changed[mask].mean() > 0.2, defect  # the mask is where the defect shows
+
+
 def test_counts_rerun_and_refusal(tmp_path):
     dst = tmp_path / "cat"
     counts = make_category(dst, size=40, n_train=2, n_test_good=1, n_per_defect=1)
@@ -97,5 +119,19 @@ def test_counts_rerun_and_refusal(tmp_path):
 def test_help_mentions_everything():
     text = get_args_parser().format_help()
     for word in ("--dst", "--seed", "--size", "--n_train", "--n_test_good", "--n_per_defect",
-                 "--category", "--kind", "crack", "faulty_imprint", "texture", "hole"):
+                 "--category", "--kind", "crack", "faulty_imprint", "texture", "hole", "pcb",
+                 "solder_bridge", "broken_trace"):
         assert word in text
+
+
+def test_cli_writes_a_pcb_category(tmp_path, capsys):
+    args = get_args_parser().parse_args(["--dst", str(tmp_path), "--kind", "pcb", "--size", "48",
+                                         "--n_train", "2", "--n_test_good", "1", "--n_per_defect", "1"])
+    main(args)
+    root = tmp_path / "pcb_synth"
+    assert "pcb" in capsys.readouterr().out
+    assert len(list((root / "train/good").glob("*.png"))) == 2
+    for defect in DEFECTS["pcb"]:
+        img = _load(root / f"test/{defect}/000.png")
+        m = _load(root / f"ground_truth/{defect}/000_mask.png")
+        assert img.shape == (48, 48, 3) and m.shape == (48, 48) and m.max() == 255, defect

@@ -22,7 +22,7 @@ from util.logger import Progress, RunLogger
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mae_vit_tiny_patch7", "--input_size", "56", "--batch_size", "4", "--num_workers", "0",
-        "--warmup_epochs", "1", "--print_freq", "1"]
+        "--warmup_epochs", "1", "--print_freq", "1", "--holdout", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 

@@ -37,6 +37,9 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # translation: test images are resized to input_size with no crop, so a scale change in training
 # (resize larger, then crop) would teach the model objects larger than any it is tested on.
 JITTER_FRACTION = 0.01
+# Held-out normal images (--holdout > 0): at least this many, so per-pixel statistics and a score
+# quantile of normal images exist even for small categories.
+MIN_HOLDOUT = 5
 _PROGRESS_MIN = 50  # show a progress bar when decoding more images than this
 
 PathLike = Union[str, Path]
@@ -235,6 +238,55 @@ def unlabelled_items(path: PathLike) -> List[TestItem]:
                      label=-1, defect="") for p in files]
 
 
+def train_folder(root: PathLike) -> Path:
+    """root/train/good, checked: a one-line error when the root or the folder is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data path {root} does not exist; pass --data_path pointing to a "
+                        f"category folder with train/good/ inside")
+    folder = root / "train" / "good"
+    if not folder.is_dir():
+        raise UserError(f"data path {root} has no train/good folder; expected normal training "
+                        f"images in {folder} (the raw or prepared MVTec layout)")
+    return folder
+
+
+def holdout_names(root: PathLike, fraction: float, seed: int, strict: bool = True) -> List[str]:
+    """File names (in root/train/good) of the normal images kept out of training, sorted.
+
+    max(MIN_HOLDOUT, round(fraction * n)) images drawn with numpy's generator seeded by `seed`
+    from the sorted listing, so every process of a run (and a resumed run) draws the same ones.
+    fraction 0 holds out nothing. At least as many images must stay for training as are held out:
+    otherwise a UserError, or (strict=False, for the default fraction) a warning and no hold-out.
+    """
+    if not 0.0 <= fraction < 0.5:
+        raise UserError(f"--holdout {fraction}: must be in [0, 0.5) (a fraction of train/good; 0 = none)")
+    if fraction == 0:
+        return []
+    files = list_images(train_folder(root))
+    count = max(MIN_HOLDOUT, round(fraction * len(files)))
+    if len(files) - count < count:
+        if not strict:
+            warn(f"{Path(root) / 'train' / 'good'} has only {len(files)} images: none held out for calibration "
+                 f"(needs at least {2 * MIN_HOLDOUT}); scoring will be uncalibrated, with no decision threshold")
+            return []
+        raise UserError(f"--holdout {fraction}: {Path(root) / 'train' / 'good'} has {len(files)} images; holding "
+                        f"out {count} (at least {MIN_HOLDOUT}) would leave {len(files) - count} to train on; "
+                        f"add images or pass --holdout 0 (no calibration then)")
+    picked = np.random.default_rng(seed).permutation(len(files))[:count]
+    return sorted(files[i].name for i in picked)
+
+
+def holdout_items(root: PathLike, names: Sequence[str]) -> List[TestItem]:
+    """The held-out normal images as label-0 items (rel_path train/good/<name>) for scoring."""
+    folder = train_folder(root).absolute()
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} held-out image(s) are missing from {folder} (e.g. {missing[0]}); "
+                        f"the data changed since training")
+    return [TestItem(path=folder / n, rel_path=f"train/good/{n}", label=0, defect="good") for n in names]
+
+
 def _progress(seq: Sequence, desc: str):
     if len(seq) <= _PROGRESS_MIN:
         return seq
@@ -299,19 +351,14 @@ class TrainDataset(Dataset):
     With `jitter`, each item is shifted by a random whole number of pixels in [-m, m] along each
     axis, m = jitter_margin(input_size), the uncovered border repeating the edge pixels (torch RNG,
     so torch.manual_seed and DataLoader worker seeding apply); the scale is the test images'.
-    Without it items are the resized images unchanged.
+    Without it items are the resized images unchanged. File names in `exclude` (the held-out
+    images) are never read.
     """
 
-    def __init__(self, root: PathLike, input_size: int, jitter: bool = True):
-        root = Path(root)
-        if not root.is_dir():
-            raise UserError(f"data path {root} does not exist; pass --data_path pointing to a "
-                            f"category folder with train/good/ inside")
-        folder = root / "train" / "good"
-        if not folder.is_dir():
-            raise UserError(f"data path {root} has no train/good folder; expected normal training "
-                            f"images in {folder} (the raw or prepared MVTec layout)")
-        files = list_images(folder)
+    def __init__(self, root: PathLike, input_size: int, jitter: bool = True, exclude: Sequence[str] = ()):
+        folder = train_folder(root)
+        excluded = set(exclude)
+        files = [p for p in list_images(folder) if p.name not in excluded]
         if not files:
             raise UserError(f"no training images in {folder} (extensions: "
                             f"{', '.join(IMG_EXTENSIONS)})")
