@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "mae_vit_tiny_patch7_procedural_112.pth"
 PRETRAIN = ["--model", "mae_vit_tiny_patch7", "--input_size", "28", "--batch_size", "4", "--num_workers", "0",
             "--epochs", "1", "--warmup_epochs", "1", "--train_mask_ratio", "0.75", "--no_jitter",
-            "--save_every", "0", "--print_freq", "1"]
+            "--save_every", "0", "--print_freq", "1", "--holdout", "0"]
 
 
 @pytest.fixture(autouse=True)
