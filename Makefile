@@ -33,8 +33,9 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 	$(PIP) install -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
-	$(PIP) install -r requirements-dev.txt
+# The tests also cover the export (scripts/export.py, predict_onnx.py): requirements-export.txt too.
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt requirements-export.txt $(VENV)/.installed
+	$(PIP) install -r requirements-dev.txt -r requirements-export.txt
 	touch $@
 
 test: $(VENV)/.installed-dev

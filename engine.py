@@ -257,6 +257,29 @@ class ScoreCollector:
                                has_mask=self.has_mask)
 
 
+def collect_error_maps(scorer: nn.Module, loader: Iterable, device: torch.device,
+                       amp_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Smoothed error maps {error: [n, H, W] float32, on the CPU} of every image of `loader`
+    (TestDataset dicts), in loader order: the raw material of calibration (AnomalyScorer.error_maps).
+
+    Eval mode for the pass, every submodule's previous mode restored afterwards (as `evaluate`).
+    """
+    modes = {m: m.training for m in scorer.modules()}
+    scorer.eval()
+    chunks: dict[str, list[torch.Tensor]] = {}
+    try:
+        for batch in loader:
+            imgs = batch["image"].to(device, non_blocking=True)
+            with torch.inference_mode(), autocast(device, amp_dtype):
+                maps, _ = scorer.error_maps(imgs)
+            for error, m in maps.items():
+                chunks.setdefault(error, []).append(m.float().cpu())
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return {error: torch.cat(parts) for error, parts in chunks.items()}
+
+
 def _dataset_size(loader: Iterable) -> int:
     dataset = getattr(loader, "dataset", None)
     if dataset is None:

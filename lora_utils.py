@@ -105,31 +105,39 @@ def unmerged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep_exact: bool = False) -> int:
     """Store the frozen weights and biases of every linear and convolution in `dtype`, in place.
 
     Only for a model that runs under autocast of that same dtype (bf16 training with a frozen base,
     or bf16 inference after `merge_lora` and `requires_grad_(False)`): autocast casts these tensors
     to `dtype` at every call anyway, so the numbers are the same and each step stops re-reading and
     re-casting every weight. Trainable tensors (LoRA, fp32 masters), norms and tokens are left alone.
-    `state_dict` still returns the cast tensors in their original dtype under their own names, but
-    their values are the rounded ones: a training checkpoint would no longer carry the loaded base
-    weights exactly, which is why main_train does not use it (main_infer does). Merge LoRA before
-    casting, not after. Returns how many tensors were cast.
+    `state_dict` still returns every cast tensor under its own name in its original dtype:
+    - keep_exact=False (inference): the rounded values, upcast; no extra memory.
+    - keep_exact=True (training): the exact tensors as they were before the cast, kept aside on the
+      host (4 bytes per cast fp32 value in CPU memory), so checkpoints hold the loaded weights bit for
+      bit. `load_state_dict` (e.g. a resume) replaces those exact copies and rounds the compute copies.
+    Merge LoRA before casting, not after. Returns how many tensors were cast.
     """
     cast = 0
     for module in model.modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        original = {}
+        original: dict[str, torch.dtype] = {}
+        exact: dict[str, torch.Tensor] = {}
         for name in ("weight", "bias"):
             param = getattr(module, name, None)
             if param is None or param.requires_grad or param.dtype == dtype or not param.is_floating_point():
                 continue
             original[name] = param.dtype
+            if keep_exact:  # on the CPU this keeps the old storage itself (no copy); from a GPU, a host copy
+                exact[name] = param.detach().cpu()
             param.data = param.data.to(dtype)
             cast += 1
-        if original:
+        if exact:
+            module.register_state_dict_post_hook(partial(_exact_tensors, exact=exact))
+            module.register_load_state_dict_pre_hook(partial(_replace_exact_tensors, exact=exact))
+        elif original:
             module.register_state_dict_post_hook(partial(_restore_dtypes, original=original))
     return cast
 
@@ -139,6 +147,22 @@ def _restore_dtypes(module: nn.Module, state: dict, prefix: str, local_metadata:
         key = prefix + name
         if key in state and state[key].dtype != dtype:
             state[key] = state[key].to(dtype)
+
+
+def _exact_tensors(module: nn.Module, state: dict, prefix: str, local_metadata: dict,
+                   exact: dict[str, torch.Tensor]) -> None:
+    for name, tensor in exact.items():
+        if prefix + name in state:
+            state[prefix + name] = tensor
+
+
+def _replace_exact_tensors(module: nn.Module, state: dict, prefix: str, local_metadata: dict, strict: bool,
+                           missing_keys: list, unexpected_keys: list, error_msgs: list,
+                           exact: dict[str, torch.Tensor]) -> None:
+    for name, tensor in exact.items():
+        value = state.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.shape == tensor.shape:  # a mismatch is load_state_dict's error
+            exact[name] = value.detach().to("cpu", tensor.dtype, copy=True)
 
 
 def freeze_non_lora(model: nn.Module, pretrained_keys: set[str]) -> None:
@@ -175,9 +199,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unmerged_state_dict(model).items() if k in trainable}
 
 
-def export_adapter(model: nn.Module, path: str | Path, args: dict | None = None) -> None:
-    """Write an adapter file {'adapter': trainable tensors, 'args': training options}."""
-    save_atomic({"adapter": adapter_state_dict(model), "args": dict(args or {})}, path)
+def export_adapter(model: nn.Module, path: str | Path, args: dict | None = None, extra: dict | None = None) -> None:
+    """Write an adapter file {'adapter': trainable tensors, 'args': training options, **extra}
+    (`extra`: other entries of the training checkpoint that travel with it, e.g. its 'calibration')."""
+    save_atomic({**(extra or {}), "adapter": adapter_state_dict(model), "args": dict(args or {})}, path)
 
 
 def import_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:

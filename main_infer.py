@@ -5,17 +5,18 @@
 
 The checkpoint alone rebuilds the model (its `args` hold the architecture); LoRA adapters are merged
 into the base weights once, before scoring. Outputs (see INTERFACE.md): anomaly_maps/*.npy,
-overlays/*.png, scores.csv, metrics.json + roc.png + summary.png (labelled data), args.json.
+overlays/*.png, scores.csv, metrics.json + roc.png + summary.png (labelled data), args.json, and with
+--save_tiff the maps at each image's own size in MVTec AD's evaluation layout.
 Nothing already in OUT is deleted; only the files listed above are (over)written.
 """
 import argparse
 import csv
 import io
 import json
-import os
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,12 +29,16 @@ from tqdm import tqdm
 
 from engine import ScoreCollector, run_inference
 from lora_utils import cast_frozen_weights, import_adapter, is_lora_name, merge_lora
-from models_mae import MODELS, SCORE_METHODS, AnomalyScorer, MaskedAutoencoderViT, create_model
+from models_mae import MODELS, AnomalyScorer, MaskedAutoencoderViT, create_model
+from scoring import ScoringOptions, build_scorer as build_calibrated_scorer, calibration_matches, holdout_error_maps, \
+    options_from
+from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_scores, predicted_labels
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
-from util.datasets import TestDataset, TestItem, find_test_items, load_mask, unlabelled_items
+from util.datasets import TestDataset, TestItem, find_test_items, load_mask, raw_layout_stem, unlabelled_items
+from util.files import output_stem, write_atomic
 from util.masks import MASK_PATTERNS
-from util.metrics import format_metrics_table
+from util.metrics import format_metrics_table, threshold_metrics
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device
 from util.visualize import denormalize, save_overlay, save_roc, save_summary
 
@@ -65,19 +70,38 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder for the outputs (created; existing files other than ours are left alone)")
     parser.add_argument("--split", default="test",
                         help="sub-folder of --data_path to score (default: test)")
-    parser.add_argument("--num_masks", type=int, default=4,
-                        help="number of deterministic views; each hides 1/num_masks of the patches and "
-                             "together they hide every patch once (default: 4)")
-    parser.add_argument("--mask_pattern", default="stripes", choices=MASK_PATTERNS,
-                        help="how the views split the patch grid: stripes (columns, the original choice), "
-                             "grid (needs a square num_masks), checkerboard (num_masks 2) (default: stripes)")
-    parser.add_argument("--sigma", type=float, default=4.0,
-                        help="std of the Gaussian that smooths the maps, in pixels; 0 = no smoothing (default: 4)")
-    parser.add_argument("--score", default="max", choices=SCORE_METHODS,
-                        help="image score: max of the map, or topk = mean of its top --topk_fraction pixels "
-                             "(default: max)")
-    parser.add_argument("--topk_fraction", type=float, default=0.01,
-                        help="fraction of pixels averaged by --score topk, in (0, 1] (default: 0.01)")
+    g = parser.add_argument_group("scoring (defaults chosen by measurement: README, Scoring)")
+    g.add_argument("--num_masks", type=int, default=ScoringOptions.num_masks,
+                   help="number of deterministic views; each hides 1/num_masks of the patches and "
+                        "together they hide every patch once (default: %(default)s)")
+    g.add_argument("--mask_pattern", default=ScoringOptions.mask_pattern, choices=MASK_PATTERNS,
+                   help="how the views split the patch grid: stripes (columns, the original choice), "
+                        "grid (needs a square num_masks), checkerboard (num_masks 2) (default: %(default)s)")
+    g.add_argument("--sigma", type=float, default=ScoringOptions.sigma,
+                   help="std of the Gaussian that smooths the error maps, in pixels; 0 = none (default: %(default)s)")
+    g.add_argument("--pixel_map", default=None, choices=MAP_CHOICES, metavar="RECIPE",
+                   help="the anomaly map (localisation, anomaly_maps/*.npy, pixel metrics): ERROR[-NORM], ERROR "
+                        "mse | msgms | fusion (both, each scaled by its held-out quantile), NORM raw (omitted) | z "
+                        "| absz (per-pixel standardised against held-out normal maps, |z|: both directions); "
+                        f"choices: {', '.join(MAP_CHOICES)} (default: {ScoringOptions.pixel_map})")
+    g.add_argument("--image_map", default=None, choices=MAP_CHOICES, metavar="RECIPE",
+                   help=f"the map the image score is taken from, same recipes (default: {ScoringOptions.image_map}; "
+                        f"mse for checkpoints without held-out images)")
+    g.add_argument("--score", default=ScoringOptions.score, choices=SCORE_METHODS,
+                   help="image score: max of the image map, or topk = mean of its top --topk_fraction pixels "
+                        "(default: %(default)s)")
+    g.add_argument("--topk_fraction", type=float, default=ScoringOptions.topk_fraction,
+                   help="fraction of pixels averaged by --score topk, in (0, 1] (default: %(default)s)")
+    g.add_argument("--image_quantile", type=float, default=ScoringOptions.image_quantile,
+                   help="image threshold = this quantile of the held-out normal images' scores (leave-one-out); "
+                        "pred_label is 1 at or above it (default: %(default)s)")
+    g.add_argument("--pixel_quantile", type=float, default=ScoringOptions.pixel_quantile,
+                   help="pixel threshold (--save_masks) = this quantile of the held-out normal pixel-map values "
+                        "(default: %(default)s)")
+    g.add_argument("--holdout_root", metavar="ROOT",
+                   help="category root holding the checkpoint's held-out images (train/good/<name>), used when the "
+                        "checkpoint's stored calibration does not fit the scoring options (default: --data_path, "
+                        "else the training --data_path stored in the checkpoint)")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="images per forward pass; each becomes num_masks sequences (default: 8)")
     parser.add_argument("--device", default="auto",
@@ -87,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "CPUs), else fp32; fp16 needs a GPU; none = fp32 (default: auto)")
     parser.add_argument("--num_workers", type=int, default=2,
                         help="DataLoader worker processes (images are decoded once, up front) (default: 2)")
+    parser.add_argument("--save_masks", action="store_true",
+                        help="also write masks/<path>.png: the pixels at or above the pixel threshold (255), "
+                             "needs a calibrated checkpoint")
     parser.add_argument("--no_overlays", action="store_true",
                         help="skip overlays/*.png (the slowest output; also saves the memory that holds "
                              "reconstructions until the colour scale is known)")
@@ -94,6 +121,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="resolution of the pixel metrics: input = maps and masks at the model's input "
                              "size; full = maps upsampled (bilinear) to each mask's own resolution, masks "
                              "at native size (slower, more memory) (default: input)")
+    parser.add_argument("--save_tiff", nargs="?", const="", default=None, metavar="DIR",
+                        help="also write each map as a float32 TIFF at its image's original size, as "
+                             "DIR/<category>/<split>/<defect>/<image id>.tiff, the layout of MVTec AD's "
+                             "evaluate_experiment.py (category: the --data_path folder's name; defect and id "
+                             "as in the raw layout, also for prepared data); DIR defaults to --output_dir; "
+                             "needs --data_path")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="base weights for an adapter-file checkpoint (default: the 'pretrained' "
                              "option stored in the adapter file)")
@@ -161,10 +194,11 @@ def _load_adapter_checkpoint(model: MaskedAutoencoderViT, checkpoint: dict[str, 
              f"initialisation (e.g. {untrained[0]})")
 
 
-def build_model(checkpoint_path: str, pretrained: Optional[str] = None) -> tuple[MaskedAutoencoderViT, dict[str, Any]]:
+def build_model(checkpoint_path: str, pretrained: Optional[str] = None
+                ) -> tuple[MaskedAutoencoderViT, dict[str, Any], Optional[dict[str, Any]]]:
     """Rebuild the trained model from a checkpoint: LoRA merged, eval mode, no gradients.
 
-    Returns (model on the CPU, the checkpoint's training options).
+    Returns (model on the CPU, the checkpoint's training options, its `calibration` entry or None).
     """
     path = str(checkpoint_path)
     checkpoint = read_checkpoint(path)
@@ -188,27 +222,65 @@ def build_model(checkpoint_path: str, pretrained: Optional[str] = None) -> tuple
     merge_lora(model)  # fold the adapters into the base weights once: plain linears from here on
     model.eval()
     model.requires_grad_(False)
-    return model, train_args
+    calibration = checkpoint.get("calibration")
+    return model, train_args, calibration if isinstance(calibration, dict) else None
 
 
-def build_scorer(model: MaskedAutoencoderViT, num_masks: int, mask_pattern: str, sigma: float,
-                 score: str, topk_fraction: float) -> AnomalyScorer:
+def holdout_maps_for(model: MaskedAutoencoderViT, train_args: dict[str, Any], calibration: Optional[dict[str, Any]],
+                     options: ScoringOptions, holdout_root: Optional[str], device: torch.device,
+                     amp_dtype: Optional[torch.dtype]) -> tuple[Optional[dict[str, torch.Tensor]], str]:
+    """The held-out normal maps for `options` and a line saying where they came from: the checkpoint's
+    stored calibration when it fits, else recomputed from the held-out images, else None."""
+    if calibration is not None and calibration_matches(calibration, options, model.img_size):
+        n = len(calibration["holdout_files"])
+        return calibration["maps"], f"calibration: stored in the checkpoint ({n} held-out normal images)"
+    names = list(train_args.get("holdout_files") or [])
+    if not names:
+        return None, "the checkpoint has no held-out images (trained before --holdout existed, or with --holdout 0)"
+    root = holdout_root or train_args.get("data_path")
     try:
-        scorer = AnomalyScorer(model, num_masks=num_masks, mask_pattern=mask_pattern, sigma=sigma,
-                               score=score, topk_fraction=topk_fraction)
+        maps = holdout_error_maps(model, root, names, options, device, amp_dtype)
+    except UserError as e:
+        return None, f"its {len(names)} held-out images cannot be read ({e}); pass --holdout_root ROOT"
+    why = "the stored maps were made with other --num_masks/--mask_pattern/--sigma" if calibration else \
+        "the checkpoint stores none"
+    return maps, f"calibration: recomputed on the {len(names)} held-out images in {Path(root) / 'train' / 'good'} ({why})"
+
+
+def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout_root: Optional[str] = None,
+                 device: torch.device = torch.device("cpu"), amp_dtype: Optional[torch.dtype] = None,
+                 **scoring_options: Any) -> tuple[AnomalyScorer, Optional[Threshold], dict[str, Any]]:
+    """The checkpoint's model inside a scorer for the scoring options (ScoringOptions' names; None or
+    absent = default), calibrated on its held-out normal images, and the decision Threshold.
+
+    Returns (scorer in eval mode on `device`, Threshold or None, the checkpoint's training options).
+    Checkpoints without held-out images score uncalibrated (raw mse maps, no threshold) unless a
+    calibrated recipe was asked for explicitly, which is a UserError. Prints where calibration came from.
+    """
+    model, train_args, calibration = build_model(checkpoint_path, pretrained)
+    model.to(device)
+    options = options_from(scoring_options)
+    maps, source = holdout_maps_for(model, train_args, calibration, options, holdout_root, device, amp_dtype)
+    if maps is None and options.needs_calibration:
+        explicit = [f"--{k} {scoring_options[k]}" for k in ("pixel_map", "image_map") if scoring_options.get(k)]
+        if explicit:
+            raise UserError(f"{' '.join(explicit)} needs calibration on held-out normal images, but {source}; "
+                            f"score uncalibrated with --pixel_map mse --image_map mse, or retrain with --holdout")
+        options = replace(options, pixel_map="mse", image_map="mse")
+        source = f"note: {source}: scoring uncalibrated as before (raw mse maps, image score = max), no threshold"
+    print(source, flush=True)
+    try:
+        scorer, threshold = build_calibrated_scorer(model, options, maps)
     except ValueError as e:
-        raise UserError(f"--num_masks {num_masks} --mask_pattern {mask_pattern} --sigma {sigma} "
-                        f"--score {score} --topk_fraction {topk_fraction} do not fit this model "
-                        f"({model.img_size} px, {model.grid_size}x{model.grid_size} patch grid): {e}") from e
-    return scorer.eval()
+        flags = " ".join(f"--{k} {v}" for k, v in options.to_dict().items() if k not in ("image_quantile", "pixel_quantile"))
+        raise UserError(f"{flags} do not fit this model ({model.img_size} px, "
+                        f"{model.grid_size}x{model.grid_size} patch grid): {e}") from e
+    if threshold is not None:
+        threshold.source = "holdout"
+    return scorer.to(device).eval(), threshold, train_args
 
 
 # ---- data -------------------------------------------------------------------------------------
-def output_stem(rel_path: str) -> str:
-    """'test/crack/000.png' -> 'test/crack/000': where the image's .npy and .png go."""
-    return Path(rel_path).with_suffix("").as_posix()
-
-
 def build_items(data_path: Optional[str], images: Optional[str], split: str, output_dir: str) -> list[TestItem]:
     items = find_test_items(data_path, split) if data_path is not None else unlabelled_items(images)
     # `--images DIR --output_dir DIR/out` must not score its own overlays on a rerun.
@@ -238,28 +310,12 @@ def build_loader(dataset: TestDataset, batch_size: int, num_workers: int, device
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _write_atomic(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`.
-
-    An interruption (Ctrl-C, a crash) leaves either the old file or none, never half of one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_map(path: Path, anomaly_map: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(anomaly_map, dtype=np.float32)))
+    write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(anomaly_map, dtype=np.float32)))
 
 
 def save_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def prepare_output_dir(output_dir: str) -> Path:
@@ -270,14 +326,33 @@ def prepare_output_dir(output_dir: str) -> Path:
     return out
 
 
-def scores_csv(collector: ScoreCollector) -> str:
+def scores_csv(collector: ScoreCollector, threshold: Optional[Threshold]) -> str:
+    """path,label,defect,score,score_normalized,pred_label; the last two empty without a threshold."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", "defect", "score"])
-    for rel_path, label, defect, score in zip(collector.rel_paths, collector.labels, collector.defects,
-                                              collector.scores):
-        writer.writerow([rel_path, "" if label < 0 else int(label), defect, repr(float(score))])
+    writer.writerow(["path", "label", "defect", "score", "score_normalized", "pred_label"])
+    normalized = normalized_scores(collector.scores, threshold) if threshold else [""] * collector.count
+    predicted = predicted_labels(collector.scores, threshold) if threshold else [""] * collector.count
+    for rel_path, label, defect, score, norm, pred in zip(collector.rel_paths, collector.labels, collector.defects,
+                                                          collector.scores, normalized, predicted):
+        writer.writerow([rel_path, "" if label < 0 else int(label), defect, repr(float(score)),
+                         "" if norm == "" else f"{float(norm):.6f}", "" if pred == "" else int(pred)])
     return buf.getvalue()
+
+
+def verdict(score: float, threshold: Optional[Threshold]) -> Optional[str]:
+    """'ANOMALOUS (0.83)' / 'normal (0.21)' with the normalised score, or None without a threshold."""
+    if threshold is None:
+        return None
+    norm = float(normalized_scores([score], threshold)[0])
+    return f"{'ANOMALOUS' if score >= threshold.image else 'normal'} ({norm:.2f})"
+
+
+def save_masks(out: Path, collector: ScoreCollector, pixel_threshold: float) -> None:
+    """masks/<stem>.png: 255 where the pixel map is at or above the pixel threshold, else 0."""
+    for rel_path, anomaly_map in zip(collector.rel_paths, collector.maps):
+        mask = Image.fromarray(np.where(anomaly_map >= pixel_threshold, 255, 0).astype(np.uint8))
+        write_atomic(out / "masks" / f"{output_stem(rel_path)}.png", lambda f, m=mask: m.save(f, format="PNG"))
 
 
 # ---- the pass ---------------------------------------------------------------------------------
@@ -315,14 +390,14 @@ def colour_scale(maps: np.ndarray) -> Optional[float]:
 
 
 def write_overlays(out: Path, dataset: TestDataset, collector: ScoreCollector, recon_u8: np.ndarray,
-                   vmax: Optional[float]) -> None:
+                   vmax: Optional[float], threshold: Optional[Threshold]) -> None:
     with tqdm(total=collector.count, unit="img", desc="overlays", dynamic_ncols=True) as bar:
         for k, index in enumerate(collector.indices):
             item = dataset[int(index)]
             gt = item["mask"] if item["label"] == 1 and item["has_mask"] else None
             save_overlay(out / "overlays" / f"{output_stem(item['rel_path'])}.png", item["image"], recon_u8[k],
                          collector.maps[k], float(collector.scores[k]), gt_mask=gt, vmax=vmax,
-                         title=item["rel_path"])
+                         title=item["rel_path"], verdict=verdict(float(collector.scores[k]), threshold))
             bar.update(1)
 
 
@@ -335,6 +410,40 @@ def write_summary(path: Path, dataset: TestDataset, collector: ScoreCollector, v
               "score": float(collector.scores[k]), "label": int(collector.labels[k]),
               "rel_path": collector.rel_paths[k]} for k in good + bad]
     save_summary(path, items, max_per_group=SUMMARY_PER_GROUP, vmax=vmax)
+
+
+def upsample_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A map [S, S] resized (bilinear) to [height, width], float32."""
+    small = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]  # [1, 1, S, S]
+    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def tiff_paths(items: list[TestItem], category_dir: Path) -> list[Path]:
+    """Where --save_tiff writes each item's map: CATEGORY_DIR/<split>/<defect>/<image id>.tiff."""
+    paths = [category_dir / f"{raw_layout_stem(it.rel_path)}.tiff" for it in items]
+    seen: dict[Path, str] = {}
+    for path, item in zip(paths, items):
+        if path in seen:
+            raise UserError(f"--save_tiff: {seen[path]} and {item.rel_path} would both be written to {path}; "
+                            f"rename one")
+        seen[path] = item.rel_path
+    return paths
+
+
+def save_tiff(path: Path, anomaly_map: np.ndarray) -> None:
+    """A float32 single-channel TIFF (Pillow mode 'F': 32-bit IEEE samples, read back exactly)."""
+    image = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32))
+    write_atomic(path, lambda f: image.save(f, format="TIFF"))
+
+
+def write_tiffs(dataset: TestDataset, collector: ScoreCollector, paths: list[Path]) -> None:
+    """Each collected map, upsampled to its image's original size, as a float32 TIFF."""
+    with tqdm(total=collector.count, unit="img", desc="tiff maps", dynamic_ncols=True) as bar:
+        for k, index in enumerate(collector.indices):
+            with Image.open(dataset.items[int(index)].path) as im:
+                width, height = im.size
+            save_tiff(paths[int(index)], upsample_map(collector.maps[k], height, width))
+            bar.update(1)
 
 
 def full_resolution_arrays(dataset: TestDataset, collector: ScoreCollector) -> tuple[np.ndarray, np.ndarray]:
@@ -366,8 +475,7 @@ def full_resolution_arrays(dataset: TestDataset, collector: ScoreCollector) -> t
     for k, index in enumerate(collector.indices):
         if sizes[k] is None:
             continue
-        small = torch.from_numpy(collector.maps[k])[None, None]  # [1, 1, S, S]
-        maps[k] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        maps[k] = upsample_map(collector.maps[k], h, w)
         if collector.labels[k] == 1:
             masks[k] = load_mask(dataset.items[int(index)].mask_path)
     return maps, masks
@@ -398,7 +506,8 @@ def resolved_options(args: argparse.Namespace, device: torch.device, amp_dtype: 
 
 
 def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, data_path: str, eval_size: str,
-                  vmax: Optional[float]) -> list[str]:
+                  vmax: Optional[float], threshold: Optional[Threshold], scoring: dict[str, Any],
+                  seconds_per_image: float) -> list[str]:
     """metrics.json, roc.png and summary.png of a labelled run; returns the console lines."""
     if eval_size == "full":
         maps_full, masks_full = full_resolution_arrays(dataset, collector)
@@ -407,8 +516,18 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
     else:
         metrics = collector.metrics()
     metrics["eval_size"] = eval_size
+    metrics["scoring"] = scoring
+    metrics["score_seconds_per_image"] = seconds_per_image  # the scoring pass (model, maps written)
+    if threshold is not None:
+        at = threshold_metrics(collector.scores, collector.labels, threshold.image)
+        metrics.update({f"image_{k}": v for k, v in at.items()})
+        metrics["threshold"] = threshold.to_dict()
     save_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     lines = ["", format_metrics_table(metrics)] + report_pixel_notes(metrics, data_path)
+    if threshold is not None:
+        lines.append(f"at the held-out threshold {threshold.image:.4g} (quantile {threshold.image_quantile:g} of "
+                     f"{threshold.n_images} normal images): precision {metrics['image_precision']:.3f}, recall "
+                     f"{metrics['image_recall']:.3f}, F1 {metrics['image_f1']:.3f}")
     if metrics["image_auroc"] is not None:
         save_roc(out / "roc.png", collector.scores, collector.labels, metrics["image_auroc"])
     else:
@@ -417,8 +536,13 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
     return lines
 
 
-def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float]) -> list[str]:
+def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float], masks: bool,
+                 tiff_dir: Optional[Path]) -> list[str]:
     lines = ["", f"anomaly maps: {out / 'anomaly_maps'}", f"scores:       {out / 'scores.csv'}"]
+    if masks:
+        lines.append(f"masks:        {out / 'masks'}")
+    if tiff_dir is not None:
+        lines.append(f"tiff maps:    {tiff_dir}")
     if labelled:
         lines += [f"metrics:      {out / 'metrics.json'}", f"summary:      {out / 'summary.png'}"]
     if overlays:
@@ -426,37 +550,79 @@ def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float
     return lines
 
 
+def tiff_category_dir(save_tiff: Optional[str], data_path: Optional[str], output_dir: str) -> Optional[Path]:
+    """--save_tiff's DIR/<category> (None without --save_tiff)."""
+    if save_tiff is None:
+        return None
+    if data_path is None:
+        raise UserError("--save_tiff needs --data_path: the MVTec evaluation layout is per category "
+                        "(<category>/test/<defect>/<id>.tiff)")
+    return Path(save_tiff or output_dir) / Path(data_path).absolute().name
+
+
+def scoring_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's scoring options by ScoringOptions' names (None = not given)."""
+    return {k: getattr(args, k) for k in ScoringOptions().to_dict()}
+
+
+def pass_fail_lines(collector: ScoreCollector, threshold: Optional[Threshold]) -> list[str]:
+    """One line per image for unlabelled runs: FAIL (anomalous) or PASS, score, normalised score."""
+    if threshold is None:
+        return ["note: no threshold (uncalibrated checkpoint): scores only, no pass/fail"]
+    normalized = normalized_scores(collector.scores, threshold)
+    return [f"{'FAIL' if s >= threshold.image else 'PASS'}  {n:.3f}  {s:.5g}  {p}"
+            for p, s, n in zip(collector.rel_paths, collector.scores, normalized)]
+
+
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     items = build_items(args.data_path, args.images, args.split, args.output_dir)
-    model, train_args = build_model(args.checkpoint, args.pretrained)
+    tiff_dir = tiff_category_dir(args.save_tiff, args.data_path, args.output_dir)
+    tiff_files = tiff_paths(items, tiff_dir) if tiff_dir is not None else None
+    scorer, threshold, train_args = load_scoring(args.checkpoint, args.pretrained, args.holdout_root or args.data_path,
+                                                 device, amp_dtype, **scoring_flags(args))
+    if args.save_masks and threshold is None:
+        raise UserError("--save_masks needs a pixel threshold, which comes from held-out normal images; this "
+                        "checkpoint has none (retrain with --holdout)")
     if amp_dtype is not None:
         # Autocast would cast every (merged, frozen) weight at every call; store them cast once.
-        cast_frozen_weights(model, amp_dtype)
-    scorer = build_scorer(model, args.num_masks, args.mask_pattern, args.sigma, args.score,
-                          args.topk_fraction).to(device)
-    dataset = TestDataset(items, model.img_size)
+        cast_frozen_weights(scorer.model, amp_dtype)
+    dataset = TestDataset(items, scorer.model.img_size)
     loader = build_loader(dataset, args.batch_size, args.num_workers, device)
     out = prepare_output_dir(args.output_dir)
     options = resolved_options(args, device, amp_dtype, train_args, len(dataset))
+    scoring = {"pixel_map": str(scorer.pixel_level.spec), "image_map": str(scorer.image_level.spec)}
+    options.update(scoring, threshold=threshold.to_dict() if threshold else None)
     save_text(out / "args.json", json.dumps(options, indent=2, default=str) + "\n")
 
     start = time.perf_counter()
     collector, recon_u8 = score_dataset(scorer, loader, device, amp_dtype, out,
                                         keep_reconstructions=not args.no_overlays)
     elapsed = time.perf_counter() - start
-    save_text(out / "scores.csv", scores_csv(collector))
+    save_text(out / "scores.csv", scores_csv(collector, threshold))
+    if args.save_masks:
+        save_masks(out, collector, threshold.pixel)
     lines = [f"scored {collector.count} images in {elapsed:.1f} s ({elapsed / collector.count:.3f} s/image) "
              f"on {device}, amp {amp_name(amp_dtype)}"]
-    # One colour scale for the whole run needs every map, so pictures are drawn after the pass.
-    vmax = colour_scale(collector.maps)
+    # The colour scale: twice the pixel threshold (the threshold mid-scale, as score_normalized puts it
+    # at 0.5) when calibrated; otherwise one scale for the whole run, which needs every map first.
+    vmax = 2 * threshold.pixel if threshold is not None and threshold.pixel > 0 else colour_scale(collector.maps)
     labelled = args.data_path is not None
+    if tiff_files is not None:
+        # dataset.items drops unreadable images; their TIFF names are looked up by path
+        by_path = {it.path: f for it, f in zip(items, tiff_files)}
+        write_tiffs(dataset, collector, [by_path[it.path] for it in dataset.items])
     if labelled:
-        lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax)
+        lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax, threshold,
+                               {**scoring, "score": args.score, "sigma": args.sigma, "num_masks": args.num_masks,
+                                "mask_pattern": args.mask_pattern}, elapsed / collector.count)
+    else:
+        lines += pass_fail_lines(collector, threshold)
     if recon_u8 is not None:
-        write_overlays(out, dataset, collector, recon_u8, vmax)
-    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, vmax)), flush=True)
+        write_overlays(out, dataset, collector, recon_u8, vmax, threshold)
+    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, vmax, args.save_masks, tiff_dir)),
+          flush=True)
     return 0
 
 

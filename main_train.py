@@ -22,8 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from engine import evaluate, train_one_epoch
-from lora_utils import LORA_TARGETS, freeze_non_lora, is_lora_name, parameter_table, unmerged_state_dict
+from lora_utils import (LORA_TARGETS, cast_frozen_weights, freeze_non_lora, is_lora_name, parameter_table,
+                        unmerged_state_dict)
 from models_mae import MODELS, AnomalyScorer, create_model
+from scoring import ScoringOptions, holdout_error_maps, make_calibration
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
 from util.cli import UserError, run_cli, warn
@@ -219,8 +221,13 @@ def build_eval_loader(data_path: str, input_size: int, batch_size: int, num_work
 
 def build_model(model_name: str, input_size: int, norm_pix_loss: bool, lora_rank: int, lora_alpha: float,
                 lora_dropout: float, lora_targets: list[str], pretrained: Optional[str], patch_embed_init: str,
-                freeze: bool, verbose: bool) -> nn.Module:
-    """The MAE with LoRA adapters, pretrained weights loaded and (optionally) frozen, on the CPU."""
+                freeze: bool, verbose: bool, amp_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The MAE with LoRA adapters, pretrained weights loaded and (optionally) frozen, on the CPU.
+
+    With a frozen base and autocast (`amp_dtype`), the frozen linears are stored once in that dtype
+    for compute (autocast would round them at every step anyway: same numbers, no per-step casts);
+    their exact loaded tensors stay in host memory for the checkpoints (lora_utils.cast_frozen_weights).
+    """
     model = create_model(model_name, img_size=input_size, norm_pix_loss=norm_pix_loss, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets))
     loaded: set[str] = set()
@@ -232,6 +239,8 @@ def build_model(model_name: str, input_size: int, norm_pix_loss: bool, lora_rank
         freeze_non_lora(model, loaded)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("no trainable parameters: use --lora_rank > 0 or drop --freeze_non_lora")
+    if freeze and amp_dtype is not None:
+        cast_frozen_weights(model, amp_dtype, keep_exact=True)
     if verbose:
         print(parameter_table(model))
     return model
@@ -301,7 +310,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                    epoch: int, options: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
+                    epoch: int, options: dict[str, Any], rng: list[dict[str, Any]],
+                    calibration: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The training state; `calibration` (scoring.make_calibration) is added to the final checkpoint."""
     return {
         "model": unmerged_state_dict(model),
         "optimizer": optimizer.state_dict(),
@@ -309,7 +320,27 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         "epoch": epoch,
         "args": options,
         "rng": rng,  # one entry per rank
+        **({"calibration": calibration} if calibration is not None else {}),
     }
+
+
+def calibrate(model: nn.Module, data_path: str, holdout_files: list[str], device: torch.device,
+              amp_dtype: Optional[torch.dtype], batch_size: int) -> dict[str, Any]:
+    """Held-out normal maps and the threshold for the default scoring options (scoring.py), on the
+    (unwrapped) model; the model is back in train mode after."""
+    start = time.perf_counter()
+    options = ScoringOptions()
+    try:
+        maps = holdout_error_maps(model, data_path, holdout_files, options, device, amp_dtype,
+                                  batch_size=max(1, batch_size // 4))
+    finally:
+        model.train(True)
+    calibration = make_calibration(maps, holdout_files, model.img_size, options)
+    threshold = calibration["threshold"]
+    print(f"calibrated on {len(holdout_files)} held-out images in {time.perf_counter() - start:.1f}s: image threshold "
+          f"{threshold['image']:.4g} ({options.image_map}, quantile {options.image_quantile:g}), pixel threshold "
+          f"{threshold['pixel']:.4g} ({options.pixel_map})")
+    return calibration
 
 
 def find_resume(resume: str, output_dir: str, verbose: bool) -> Optional[Path]:
@@ -456,7 +487,7 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
     checkpoint = read_resume_checkpoint(resume_path, options) if resume_path else None
     model = build_model(args.model, args.input_size, args.norm_pix_loss, args.lora_rank, options["lora_alpha"],
                         args.lora_dropout, options["lora_targets"], args.pretrained, args.patch_embed_init,
-                        args.freeze_non_lora, verbose=is_main).to(device)
+                        args.freeze_non_lora, verbose=is_main, amp_dtype=amp_dtype).to(device)
     optimizer = build_optimizer(model, options["lr"], args.weight_decay, device)
     scaler = build_scaler(amp_dtype, device)
     start_epoch = args.start_epoch
@@ -505,7 +536,9 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
             if numbered or last:
                 rng = dist_util.all_gather_objects(rng_state())  # every rank's streams, for an exact resume
                 if is_main:
-                    ckpt = make_checkpoint(model, optimizer, scaler, epoch, options, rng)
+                    calibration = calibrate(model, args.data_path, options["holdout_files"], device, amp_dtype,
+                                            args.batch_size) if last and options["holdout_files"] else None
+                    ckpt = make_checkpoint(model, optimizer, scaler, epoch, options, rng, calibration)
                     if numbered:
                         save_atomic(ckpt, out / f"checkpoint-{epoch}.pth")
                     save_atomic(ckpt, out / "checkpoint-last.pth")

@@ -1,12 +1,13 @@
 """The masked autoencoder (ViT encoder + light decoder, as in MAE) and the anomaly scorer built on it.
 
 Training: `MaskedAutoencoderViT.forward(imgs, mask_ratio) -> loss, pred, mask`, exactly MAE's recipe.
-Scoring: `AnomalyScorer(model, num_masks, mask_pattern, sigma)(imgs)` hides every patch once across
-K deterministic views, reconstructs all views in one batch, and turns the per-pixel squared error of
-the hidden patches into smoothed anomaly maps and image scores.
+Scoring: `AnomalyScorer(model, num_masks, mask_pattern, sigma, ...)(imgs)` hides every patch once
+across K deterministic views, reconstructs all views in one batch, and turns the errors of the
+hidden patches (squared error, MSGMS) into smoothed anomaly maps and image scores, optionally
+standardised against held-out normal images (util.calibration).
 """
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from lora_utils import inject_lora
+from util.calibration import SCORE_METHODS, LevelStats, MapSpec, image_scores, level_map
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from util.error_maps import ERRORS, msgms
 from util.masks import make_inference_masks
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.smoothing import GaussianSmoothing
@@ -292,19 +296,43 @@ def _init_linear_and_norm(module: nn.Module) -> None:
 
 
 class AnomalyOutput(NamedTuple):
-    scores: torch.Tensor  # [N], image anomaly scores
-    anomaly_maps: torch.Tensor  # [N, H, W], smoothed per-pixel error
+    scores: torch.Tensor  # [N], image anomaly scores (reduced from the image-level map)
+    anomaly_maps: torch.Tensor  # [N, H, W], the pixel-level map
     reconstructions: torch.Tensor  # [N, C, H, W], in the model's (normalised) input space
 
 
-SCORE_METHODS = ("max", "topk")
+class CalibratedMap(nn.Module):
+    """One map recipe (util.calibration) with its held-out statistics as buffers: smoothed error
+    maps {error: [N, H, W]} -> the recipe's map [N, H, W]. A raw single-error recipe needs none."""
+
+    def __init__(self, spec: MapSpec, stats: Optional[LevelStats] = None) -> None:
+        super().__init__()
+        if spec.needs_calibration and stats is None:
+            raise ValueError(f"map recipe {spec} needs statistics of held-out normal images")
+        self.spec = spec
+        for error in spec.errors if spec.norm != "raw" else ():
+            self.register_buffer(f"mean_{error}", stats.mean[error].float(), persistent=False)
+            self.register_buffer(f"std_{error}", stats.std[error].float(), persistent=False)
+        self.scale = dict(stats.scale) if len(spec.errors) > 1 else {}
+
+    def stats(self) -> LevelStats:
+        errors = self.spec.errors if self.spec.norm != "raw" else ()
+        return LevelStats({e: getattr(self, f"mean_{e}") for e in errors},
+                          {e: getattr(self, f"std_{e}") for e in errors}, self.scale)
+
+    def forward(self, error_maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return level_map(error_maps, self.spec, self.stats())
 
 
 class AnomalyScorer(nn.Module):
-    """Scores images with a trained MAE: K deterministic views, smoothed per-pixel squared error.
+    """Scores images with a trained MAE: K deterministic views, smoothed per-pixel error maps.
 
-    The image score is the maximum of the smoothed map ('max'), or the mean of its top
-    `topk_fraction` pixels ('topk'), which is less sensitive to a single bright pixel.
+    Each patch is reconstructed by the view that hides it; the errors (`mse`, `msgms`: see
+    util.error_maps) of the composite reconstruction are smoothed by a Gaussian of `sigma` and turned
+    into two maps by recipes (util.calibration): the pixel-level map (returned as `anomaly_maps`) and
+    the image-level map, reduced to the image score by its max or the mean of its top
+    `topk_fraction` pixels. Recipes other than raw mse/msgms need held-out statistics
+    (`pixel_stats`, `image_stats`). Decisions (thresholds) are the caller's.
     """
 
     def __init__(
@@ -315,6 +343,10 @@ class AnomalyScorer(nn.Module):
         sigma: float = 4.0,
         score: str = "max",
         topk_fraction: float = 0.01,
+        pixel_map: str = "mse",
+        image_map: str = "mse",
+        pixel_stats: Optional[LevelStats] = None,
+        image_stats: Optional[LevelStats] = None,
     ) -> None:
         super().__init__()
         if score not in SCORE_METHODS:
@@ -329,23 +361,33 @@ class AnomalyScorer(nn.Module):
         views = mask_views(make_inference_masks(model.grid_size, num_masks, mask_pattern))
         for name, tensor in views._asdict().items():
             self.register_buffer(name, tensor, persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
         self.smoothing = GaussianSmoothing(sigma)
+        self.pixel_level = CalibratedMap(MapSpec.parse(pixel_map), pixel_stats)
+        self.image_level = CalibratedMap(MapSpec.parse(image_map), image_stats)
 
     def views(self) -> MaskViews:
         return MaskViews(self.masks, self.ids_keep, self.ids_restore, self.view_of_patch)
 
-    def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
-        error, reconstructions = self.model.anomaly_forward(imgs, self.views())
-        # Smoothing is a convolution, which autocast would run in bf16: keep the maps (and so the
-        # scores, whose ties would distort the metrics) at fp32 precision.
+    def error_maps(self, imgs: torch.Tensor, errors: tuple[str, ...] = ERRORS
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Smoothed error maps {error: [N, H, W]} (float32) and the reconstructions [N, C, H, W]."""
+        squared, reconstructions = self.model.anomaly_forward(imgs, self.views())
+        # The errors and the smoothing are convolutions and sums that autocast would run in bf16:
+        # keep the maps (and so the scores, whose ties would distort the metrics) at fp32.
         with torch.autocast(device_type=imgs.device.type, enabled=False):
-            anomaly_maps = self.smoothing(error.float())
-        flat = anomaly_maps.flatten(1)  # [N, H*W]
-        if self.score == "max":
-            scores = flat.amax(dim=1)
-        else:
-            k = max(1, round(self.topk_fraction * flat.shape[1]))
-            scores = flat.topk(k, dim=1).values.mean(dim=1)
+            raw = {"mse": squared.float()} if "mse" in errors else {}
+            if "msgms" in errors:
+                raw["msgms"] = msgms(reconstructions, imgs, self.pixel_mean, self.pixel_std)
+            return {e: self.smoothing(m) for e, m in raw.items()}, reconstructions
+
+    def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
+        needed = tuple(e for e in ERRORS if e in self.pixel_level.spec.errors + self.image_level.spec.errors)
+        maps, reconstructions = self.error_maps(imgs, needed)
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            anomaly_maps = self.pixel_level(maps)
+            scores = image_scores(self.image_level(maps), self.score, self.topk_fraction)
         return AnomalyOutput(scores, anomaly_maps, reconstructions)
 
 

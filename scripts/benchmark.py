@@ -12,8 +12,9 @@ inference, fast    what main_infer.py does: merge_lora, eval, requires_grad off,
                    reconstructing all K views of all B images as one batch (optionally torch.compile).
 train, naive       fp32 MAE step (mask ratio 0.75): forward, backward, AdamW (default kernel).
 train, fast        what main_train.py does: the same frozen base and trainable set
-                   (--freeze_non_lora), autocast bf16 where supported (weights stay fp32, so the
-                   frozen tensors in a checkpoint stay exactly the loaded ones), AdamW fused on CUDA.
+                   (--freeze_non_lora), autocast bf16 where supported, the frozen linears stored
+                   once in bf16 for compute while their exact fp32 tensors stay in host memory for
+                   the checkpoints (cast_frozen_weights(keep_exact=True)), AdamW fused on CUDA.
 
 Both training phases freeze what an official MAE checkpoint would fill (every non-LoRA parameter
 except the 7x7 patch embedding and decoder_pred, whose shapes differ from the official 16x16 ones).
@@ -36,7 +37,14 @@ used for the naive and the fast run, i.e. the useful work of the batched, merged
              LoRA backward 2x its forward. Norms, softmax, GELU, the loss and the optimizer are not
              counted. tests/test_benchmark.py checks these counts against FlopCounterMode.
 Peaks: the best of several timed square matmuls (2048^3 on the CPU, 4096^3 on CUDA) in fp32 and
-bf16, measured in the same run; achieved TFLOP/s are reported as fractions of both.
+bf16, measured at the start and at the end of the same run (the better of the two); achieved
+TFLOP/s are reported as fractions of both. Targets (TARGET_FRAC_BF16_PEAK, for ViT-L/7 at 224 px
+on the CPU): the fast training step at >= 70% of the bf16 peak, fast inference at >= 62%.
+--profile N profiles one fast inference call and one fast training step (torch.profiler, self
+time per op) and splits it into linears (mm/addmm and the patch-embedding convolution, forward
+and backward), attention (QK^T and AV matmuls, softmax, fused SDPA, forward and backward) and
+everything else (norms, GELU, residual adds, casts and copies, masking, optimizer, ...), with the
+N largest ops of the rest.
 Memory ("peak MiB") = the path's own model tensors (parameters + buffers, counted exactly) + the
 growth of peak memory during its isolated warmup (activations, autocast copies, optimizer state,
 workspaces): on CUDA max_memory_allocated minus memory_allocated at the start; on the CPU the
@@ -70,6 +78,9 @@ from util.misc import autocast, bf16_supported, resolve_amp, resolve_device  # n
 from util.smoothing import GaussianSmoothing  # noqa: E402
 
 MASK_RATIO = 0.75
+# Fast path's share of the bf16 matmul peak for ViT-L/7 at 224 px on a CPU (issue 15's targets).
+TARGET_FRAC_BF16_PEAK = {"inference": 0.62, "train": 0.70}
+TARGET_MODEL, TARGET_SIZE = "mae_vit_large_patch7", 224
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -90,12 +101,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_pattern", default="stripes", choices=MASK_PATTERNS)
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the anomaly maps")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path (compile time not timed)")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend for --compile (eager: traced by dynamo, no code generation; "
+                        "scripts/gpu_check.sh's CPU mode uses it to stay quick)")
     p.add_argument("--no_cast_frozen", action="store_true",
-                   help="ablation (inference): keep the merged weights in fp32 under autocast, re-cast at every call")
+                   help="ablation: keep the frozen (inference: merged) weights in fp32 under autocast, "
+                        "re-cast at every call")
     p.add_argument("--only", choices=("all", "inference", "train"), default="all", help="phases to run")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one fast inference and one fast training step with "
-                        "torch.profiler and print the N most expensive ops")
+                        "torch.profiler: time split into linears / attention / everything else (in the "
+                        "JSON too) and the N most expensive ops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -363,6 +379,7 @@ def machine_info(device: torch.device) -> dict:
     except OSError:
         pass
     info = {"device": str(device), "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1min": _load_avg(),
             "torch": torch.__version__, "python": platform.python_version(), "bf16_supported": bf16_supported(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -371,6 +388,14 @@ def machine_info(device: torch.device) -> dict:
         info["amx"] = bool(torch.cpu._is_amx_tile_supported())
         info["avx512_bf16"] = bool(torch.cpu._is_avx512_bf16_supported())
     return info
+
+
+def _load_avg() -> Optional[float]:
+    """The 1-minute load average at this moment (other work on a shared machine), where known."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def fused_attention_on(model: torch.nn.Module) -> bool:
@@ -410,14 +435,52 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> Optional
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_top(fn: Callable[[], object], device: torch.device, top: int) -> str:
+# Self-time categories of a profiled step (aten op names, forward and backward).
+LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::mkldnn_convolution", "aten::convolution_backward",
+              "aten::_convolution", "aten::cudnn_convolution", "aten::cudnn_convolution_backward")
+ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data")
+ATTENTION_PREFIX = "aten::_scaled_dot_product"  # fused SDPA kernels and their backward, any backend
+
+
+def op_category(name: str) -> str:
+    if name in LINEAR_OPS:
+        return "linears"
+    if name in ATTENTION_OPS or name.startswith(ATTENTION_PREFIX) or name.startswith("aten::_flash_attention") \
+            or name.startswith("aten::_efficient_attention"):
+        return "attention"
+    return "other"
+
+
+def profile_step(fn: Callable[[], object], device: torch.device, top: int) -> tuple[dict, str]:
+    """Profile one call of fn; returns the breakdown (seconds and shares of linears, attention,
+    everything else, and the `top` largest other ops) and torch.profiler's table of the top ops."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
         _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    seconds = {"linears": 0.0, "attention": 0.0, "other": 0.0}
+    other_ops: dict[str, float] = {}
+    for event in events:
+        t = getattr(event, attr) / 1e6  # profiler times are in microseconds
+        category = op_category(event.key)
+        seconds[category] += t
+        if category == "other" and t > 0:
+            other_ops[event.key] = t
+    total = max(sum(seconds.values()), 1e-12)
+    breakdown = {"total_s": total, **{f"{k}_s": v for k, v in seconds.items()},
+                 **{f"{k}_share": v / total for k, v in seconds.items()},
+                 "top_other_ops_s": dict(sorted(other_ops.items(), key=lambda kv: -kv[1])[:top])}
+    return breakdown, events.table(sort_by=attr, row_limit=top)
+
+
+def format_breakdown(b: dict) -> str:
+    others = ", ".join(f"{name.removeprefix('aten::')} {t:.3f}s" for name, t in b["top_other_ops_s"].items())
+    return (f"linears {b['linears_share']:.0%} ({b['linears_s']:.3f}s), attention {b['attention_share']:.0%} "
+            f"({b['attention_s']:.3f}s), everything else {b['other_share']:.0%} ({b['other_s']:.3f}s; "
+            f"largest: {others})")
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -461,7 +524,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "machine": machine_info(device), "peak_gflops": {**peaks, "matmul_size": n_mm},
         "memory_kind": mem.kind,
         "fast_path": {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-                      "cast_frozen_weights": cast_frozen, "compile": args.compile,
+                      "cast_frozen_weights": cast_frozen,
+                      "compile": args.compile_backend if args.compile else False,
                       "fused_adamw": device.type == "cuda"},
         "flops_method": "analytic, see scripts/benchmark.py docstring (same count for naive and fast)",
     }
@@ -474,7 +538,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         masks = make_inference_masks(naive_model.grid_size, args.num_masks, args.mask_pattern).to(device)
         flops = inference_flops(naive_model, batch, args.num_masks, smoothing.kernel.numel() if args.sigma > 0 else 0)
         scorer = fast_scorer(build(), args.num_masks, args.mask_pattern, args.sigma, amp_dtype, cast_frozen).to(device)
-        run = torch.compile(scorer) if args.compile else scorer
+        run = torch.compile(scorer, backend=args.compile_backend) if args.compile else scorer
         if args.compile:
             fast_anomaly(run, imgs, device, amp_dtype)  # compile outside the measured steps
         measured = measure_paths({
@@ -491,38 +555,52 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                "gflop_per_step": flops / 1e9,
                                "patch_embed_share_of_fast": statistics.median(pe_times) / statistics.median(measured["fast"][0])}
         if args.profile:
-            result["inference_profile"] = profile_top(lambda: fast_anomaly(run, imgs, device, amp_dtype), device,
-                                                      args.profile)
+            result["inference_breakdown"], result["inference_profile"] = profile_step(
+                lambda: fast_anomaly(run, imgs, device, amp_dtype), device, args.profile)
         del naive_model, scorer, run, measured
         gc.collect()
 
     if args.only in ("all", "train"):
         paths, keep = {}, []
+        host_copies_mib = 0.0
         for name in ("naive", "fast"):
             model = build().train()
             freeze_non_lora(model, official_keys(model))
             dtype = amp_dtype if name == "fast" else None
-            opt = make_optimizer(model, device, fused=name == "fast" and device.type == "cuda")
             flops = train_flops(model, batch)
-            run = torch.compile(model) if args.compile and name == "fast" else model
+            model_mib = tensor_mib(model)
+            if name == "fast" and cast_frozen:  # main_train.build_model's storage for a frozen base
+                fp32_mib = model_mib
+                cast_frozen_weights(model, amp_dtype, keep_exact=True)
+                model_mib = tensor_mib(model)
+                host_copies_mib = 2 * (fp32_mib - model_mib)  # exact fp32 copies of the (2-byte) cast tensors
+                if device.type == "cpu":
+                    model_mib += host_copies_mib
+            opt = make_optimizer(model, device, fused=name == "fast" and device.type == "cuda")
+            run = torch.compile(model, backend=args.compile_backend) if args.compile and name == "fast" else model
             if args.compile and name == "fast":
                 train_step(run, opt, imgs, device, dtype)  # compile outside the measured steps
-            paths[name] = (partial(train_step, run, opt, imgs, device, dtype), tensor_mib(model))
+            paths[name] = (partial(train_step, run, opt, imgs, device, dtype), model_mib)
             keep.append((model, opt, run))
         measured = measure_paths(paths, steps, warmup, device, mem)
         phases = {**_phase("naive", *measured["naive"], batch, flops),
                   **_phase("fast", *measured["fast"], batch, flops)}
         result["fast_path"]["train_step_host_syncs"] = count_host_syncs(paths["fast"][0], device)
         if args.profile:
-            result["train_profile"] = profile_top(paths["fast"][0], device, args.profile)
+            result["train_breakdown"], result["train_profile"] = profile_step(paths["fast"][0], device, args.profile)
         result["train"] = {**phases, "speedup": phases["fast_img_s"] / phases["naive_img_s"],
-                           "gflop_per_step": flops / 1e9}
+                           "gflop_per_step": flops / 1e9, "fast_exact_copies_mib": host_copies_mib}
         del paths, keep, measured
         gc.collect()
     for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         peaks[key] = max(peaks[key], peak_matmul_gflops(device, dtype, n_mm))
     result["peak_gflops"].update(peaks)
     _add_peak_fractions(result, peaks)
+    result["load_avg_1min_end"] = _load_avg()
+    if args.model == TARGET_MODEL and args.input_size == TARGET_SIZE and device.type == "cpu":
+        result["targets"] = {phase: {"fast_frac_bf16_peak": target,
+                                     "met": result[phase]["fast_frac_bf16_peak"] >= target}
+                             for phase, target in TARGET_FRAC_BF16_PEAK.items() if phase in result}
     return result
 
 
@@ -551,10 +629,15 @@ def format_table(r: dict) -> str:
     if fp.get("inference_host_syncs") is not None or fp.get("train_step_host_syncs") is not None:
         lines.append(f"host-device syncs in one fast call (CUDA sync debug mode): inference "
                      f"{fp.get('inference_host_syncs', '-')}, training step {fp.get('train_step_host_syncs', '-')}")
+    for phase, target in r.get("targets", {}).items():
+        lines.append(f"target ({phase}): fast path >= {target['fast_frac_bf16_peak']:.0%} of the bf16 peak: "
+                     f"{'met' if target['met'] else 'NOT met'}")
     lines.append(f"memory: {r['memory_kind']}")
-    for key in ("inference_profile", "train_profile"):
-        if key in r:
-            lines += [f"-- {key.replace('_', ' ')} (one fast step) --", r[key]]
+    lines.append(f"load average (1 min) at start/end: {m['load_avg_1min']} / {r['load_avg_1min_end']}")
+    for phase in ("inference", "train"):
+        if f"{phase}_breakdown" in r:
+            lines += [f"-- {phase} profile (one fast step): {format_breakdown(r[f'{phase}_breakdown'])}",
+                      r[f"{phase}_profile"]]
     return "\n".join(lines)
 
 
@@ -563,8 +646,15 @@ def main(args: argparse.Namespace) -> None:
     print(format_table(result), flush=True)
     if args.json:
         out = {k: v for k, v in result.items() if not k.endswith("_profile")}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json_atomic(out, Path(args.json))
         print(f"wrote {args.json}")
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    """JSON to a temporary file next to `path`, then renamed over it (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -153,19 +153,38 @@ def test_bad_flags_are_one_line_errors(capsys):
 def test_script_end_to_end_writes_the_promised_json(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "mae_vit_tiny_patch7",
-                          "--input_size", "28", "--steps", "1", "--warmup", "1", "--json", str(out)],
+                          "--input_size", "28", "--steps", "1", "--warmup", "1", "--profile", "3", "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "inference" in run.stdout and "speedup" in run.stdout
+    assert "inference" in run.stdout and "speedup" in run.stdout and "linears" in run.stdout
     result = json.loads(out.read_text())
     for phase in ("inference", "train"):
         for key in ("naive_img_s", "fast_img_s", "speedup", "naive_tflops", "fast_tflops",
                     "fast_frac_bf16_peak", "naive_peak_mem_mib"):
             assert result[phase][key] > 0, (phase, key)
+        for key in ("naive_frac_bf16_peak", "naive_frac_fp32_peak", "fast_frac_bf16_peak", "fast_frac_fp32_peak"):
+            assert 0 < result[phase][key] <= 1, (phase, key)
+        breakdown = result[f"{phase}_breakdown"]
+        shares = [breakdown[f"{k}_share"] for k in ("linears", "attention", "other")]
+        assert all(0 <= s <= 1 for s in shares) and sum(shares) == pytest.approx(1.0)
+        assert breakdown["linears_s"] > 0 and len(breakdown["top_other_ops_s"]) <= 3
     assert result["peak_gflops"]["fp32"] > 0 and result["peak_gflops"]["bf16"] > 0
+    assert "targets" not in result  # the targets are for mae_vit_large_patch7 at 224 px only
+    # the training fast path stores the frozen linears in bf16 and keeps exact copies (main_train's storage)
+    assert (result["train"]["fast_exact_copies_mib"] > 0) == (result["fast_path"]["amp"] == "bfloat16")
     assert result["model"] == "mae_vit_tiny_patch7" and result["input_size"] == 28 and result["batch_size"] == 2
     assert {"cpu", "cpu_cores", "torch"} <= set(result["machine"])
     assert result["fast_path"]["fused_attention"] is True
+
+
+def test_profile_categories():
+    assert benchmark.op_category("aten::addmm") == "linears" and benchmark.op_category("aten::mm") == "linears"
+    assert benchmark.op_category("aten::convolution_backward") == "linears"
+    for name in ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_efficient_attention_forward"):
+        assert benchmark.op_category(name) == "attention", name
+    for name in ("aten::copy_", "aten::native_layer_norm", "aten::gelu", "aten::add_"):
+        assert benchmark.op_category(name) == "other", name
 
 
 def test_help_explains_the_comparison():

@@ -105,7 +105,8 @@ def test_labelled_run_writes_every_promised_file(synthetic_category, labelled_ru
         assert amap.dtype == np.float32 and amap.shape == (SIZE, SIZE)
         assert (out / "overlays" / f"{stem}.png").is_file()
     header, rows = _read_csv(out / "scores.csv")
-    assert header == ["path", "label", "defect", "score"]
+    assert header == ["path", "label", "defect", "score", "score_normalized", "pred_label"]
+    assert all(r["score_normalized"] == "" and r["pred_label"] == "" for r in rows)  # uncalibrated: no threshold
     assert sorted(r["path"] for r in rows) == sorted(it.rel_path for it in items)
     by_path = {it.rel_path: it for it in items}
     for r in rows:
@@ -201,7 +202,7 @@ def test_images_folder_and_single_file(synthetic_category, checkpoint, tmp_path,
     assert proc.returncode == 0, proc.stderr
     assert "broken.png" in proc.stderr
     header, rows = _read_csv(out / "scores.csv")
-    assert header == ["path", "label", "defect", "score"]
+    assert header == ["path", "label", "defect", "score", "score_normalized", "pred_label"]
     assert sorted(r["path"] for r in rows) == ["a/000.png", "a/001.png", "b/g.png"]
     assert all(r["label"] == "" for r in rows)
     for r in rows:

@@ -49,3 +49,14 @@ def test_demo_overrides_and_own_data(tmp_path):
     assert train.data_path == f"{tmp_path}/mine"
     infer = main_infer.get_args_parser().parse_args(commands["main_infer.py"])
     assert infer.data_path == f"{tmp_path}/mine"
+
+
+def test_make_test_installs_the_export_requirements_and_demo_does_not(tmp_path):
+    """The export is tested, so `make test` installs requirements-export.txt; training (`make demo`) never needs it."""
+    stamp = tmp_path / ".installed-dev"
+    test = subprocess.run(["make", "-n", "-B", "test", f"VENV={tmp_path}"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    demo = subprocess.run(["make", "-n", "-B", "demo", f"VENV={tmp_path}", f"OUT={tmp_path}"], cwd=ROOT,
+                          check=True, capture_output=True, text=True).stdout
+    assert "-r requirements-export.txt" in test and f"touch {stamp}" in test
+    assert "requirements-export.txt" not in demo

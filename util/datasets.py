@@ -19,19 +19,19 @@ Hidden files (names starting with '.', e.g. macOS `._000.png`) are never images.
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
 from util.cli import UserError, warn
+from util.images import (IMG_EXTENSIONS, PathLike, UnreadableImage, find_images, is_image_file,
+                         load_rgb, open_decoded, resize_square)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # The training jiggle: a random translation of up to this fraction of the image each way. Only a
 # translation: test images are resized to input_size with no crop, so a scale change in training
@@ -42,79 +42,11 @@ JITTER_FRACTION = 0.01
 MIN_HOLDOUT = 5
 _PROGRESS_MIN = 50  # show a progress bar when decoding more images than this
 
-PathLike = Union[str, Path]
-
-
-class UnreadableImage(Exception):
-    """A file that cannot be decoded as an image (zero bytes, truncated, not an image)."""
-
-
-def is_image_file(path: PathLike) -> bool:
-    p = Path(path)
-    return p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
-
-
-def _open_decoded(path: Path) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()  # force the full decode: Image.open only reads the header
-        return img
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise UnreadableImage(f"{path}: cannot read image ({reason})") from e
-
-
-def _to_uint8_gray(img: Image.Image) -> np.ndarray:
-    """Integer/float single-channel modes ('I;16*', 'I', 'F') -> uint8, scaled by their range."""
-    a = np.asarray(img)
-    if a.dtype == np.uint8:
-        return a
-    a = a.astype(np.float64)
-    if img.mode.startswith("I;16"):
-        scale = 65535.0
-    elif img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
-        scale = 1.0  # float images in [0, 1]
-    else:
-        # 'I' (Pillow opens some 16-bit files as 32-bit 'I'): use the smallest usual range that
-        # holds the data, so a 16-bit image is value/257 and an 8-bit one stays as it is.
-        hi = float(np.nanmax(a)) if a.size else 0.0
-        scale = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else hi
-    a = np.nan_to_num(a / scale * 255.0)
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def _composite_on_black(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return Image.alpha_composite(black, rgba).convert("RGB")
-
-
-def load_rgb(path: PathLike) -> Image.Image:
-    """Decode an image fully and return it in RGB mode.
-
-    Grayscale is replicated, transparent images are composited on black, palette/CMYK/other modes
-    converted, 16-bit images scaled to 8 bit (value/257). EXIF orientation is not applied: masks
-    are drawn on the stored pixel grid. Raises UnreadableImage naming the path.
-    """
-    path = Path(path)
-    img = _open_decoded(path)
-    try:
-        mode = img.mode
-        if mode == "RGB":
-            return img
-        if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in img.info):
-            return _composite_on_black(img)
-        if mode.startswith("I") or mode == "F":
-            return Image.fromarray(_to_uint8_gray(img)).convert("RGB")
-        return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-    except Exception as e:
-        raise UnreadableImage(f"{path}: cannot convert image of mode {img.mode} to RGB ({e})") from e
-
 
 def load_mask(path: PathLike) -> np.ndarray:
     """Decode a mask: bool array [H, W], True where any channel is non-zero (alpha ignored)."""
     path = Path(path)
-    img = _open_decoded(path)
+    img = open_decoded(path)
     if img.mode in ("1", "L") or img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img)
     else:
@@ -130,17 +62,6 @@ def list_images(folder: PathLike) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
-def _list_images_recursive(folder: Path) -> List[Path]:
-    out = []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if p.is_file() and is_image_file(p):
-            out.append(p)
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
-
-
 _DIGIT_SUFFIX = re.compile(r"^(.+)_\d+$")
 
 
@@ -148,6 +69,22 @@ def defect_from_prepared_stem(stem: str) -> str:
     """'faulty_imprint_003' -> 'faulty_imprint'; 'bad' when the stem has no '_<digits>' suffix."""
     m = _DIGIT_SUFFIX.match(stem)
     return m.group(1) if m else "bad"
+
+
+def raw_layout_stem(rel_path: str) -> str:
+    """The image's path in the raw MVTec layout, without extension, from either layout:
+    'test/bad/crack_000.png' -> 'test/crack/000', 'test/crack/000.png' -> 'test/crack/000'.
+
+    MVTec AD's own evaluation names maps by the raw defect folder and image id; a prepared stem
+    without a '_<digits>' suffix keeps `bad` as its defect and its stem as the id.
+    """
+    path = Path(rel_path)
+    folder, stem = path.parent, path.stem
+    if folder.name == "bad":
+        defect = defect_from_prepared_stem(stem)
+        if defect != "bad":
+            return (folder.parent / defect / stem[len(defect) + 1:]).as_posix()
+    return (folder / stem).as_posix()
 
 
 @dataclass
@@ -221,21 +158,7 @@ def find_test_items(root: PathLike, split: str = "test") -> List[TestItem]:
 
 def unlabelled_items(path: PathLike) -> List[TestItem]:
     """Items for `--images PATH`: one image file, or every image under a folder (recursive)."""
-    path = Path(path)
-    if path.is_file():
-        if not is_image_file(path):
-            raise UserError(f"--images {path}: not an image file (extensions: "
-                            f"{', '.join(IMG_EXTENSIONS)})")
-        return [TestItem(path=path.absolute(), rel_path=path.name, label=-1, defect="")]
-    if not path.is_dir():
-        raise UserError(f"--images {path} does not exist; pass an image file or a folder of images")
-    files = _list_images_recursive(path)
-    if not files:
-        raise UserError(f"--images {path}: no images found (searched recursively for "
-                        f"{', '.join(IMG_EXTENSIONS)})")
-    base = path.absolute()
-    return [TestItem(path=base / p.relative_to(path), rel_path=p.relative_to(path).as_posix(),
-                     label=-1, defect="") for p in files]
+    return [TestItem(path=p, rel_path=rel, label=-1, defect="") for p, rel in find_images(path)]
 
 
 def train_folder(root: PathLike) -> Path:
@@ -298,8 +221,7 @@ def _decode_resized(path: Path, size: int) -> Tuple[torch.Tensor, Tuple[int, int
     """-> (uint8 tensor [3, size, size], original (width, height)); raises UnreadableImage."""
     img = load_rgb(path)
     orig = img.size
-    img = img.resize((size, size), Image.Resampling.BICUBIC)  # non-square images are squashed
-    arr = np.asarray(img, dtype=np.uint8)  # [S, S, 3]
+    arr = resize_square(img, size)  # [S, S, 3]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), orig
 
 

@@ -212,6 +212,22 @@ def f1_max(scores: Any, labels: Any) -> tuple[float, float]:
     return _f1_max_sorted(*_split_sorted(s, y))
 
 
+def threshold_metrics(scores: Any, labels: Any, threshold: float) -> dict[str, float]:
+    """Precision, recall, F1 and accuracy of the decision score >= threshold (1 = anomalous).
+
+    precision = TP / (TP + FP) (0 when nothing is predicted anomalous), recall = TP / (TP + FN)
+    (0 when there is no anomalous sample), F1 = 2TP / (2TP + FP + FN) (0 when that is 0/0),
+    accuracy = (TP + TN) / N. Works for image scores or flattened pixel maps alike.
+    """
+    s = _as_scores(scores)
+    y = _as_binary_labels(labels, s.size).astype(bool)
+    pred = s >= threshold
+    tp, fp = int(np.sum(pred & y)), int(np.sum(pred & ~y))
+    fn, tn = int(np.sum(~pred & y)), int(np.sum(~pred & ~y))
+    return {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0, "accuracy": (tp + tn) / s.size}
+
+
 # ----------------------------------------------------------------------------------------------
 # pixel-level metrics
 # ----------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _color_range(maps: Sequence[np.ndarray], vmax: Optional[float]) -> tuple[flo
 
 def save_overlay(path: PathLike, image: Any, reconstruction: Any, anomaly_map: Any, score: float,
                  gt_mask: Any = None, vmax: Optional[float] = None,
-                 title: Optional[str] = None) -> Path:
+                 title: Optional[str] = None, verdict: Optional[str] = None) -> Path:
     """One PNG with three panels: input | reconstruction | heatmap on the input.
 
     image, reconstruction: normalised [3, H, W] (tensor or array) or uint8 [H, W, 3];
@@ -117,7 +117,8 @@ def save_overlay(path: PathLike, image: Any, reconstruction: Any, anomaly_map: A
     size differs). gt_mask: [H, W] (non-zero = anomalous) or None; drawn as a contour at 0.5.
     vmax: top of the colour scale (pass one value for a whole run to make pictures comparable;
     default: this map's maximum); the scale starts at 0 (or the map's minimum if negative).
-    The score (and title, e.g. the relative path) go in the figure title. ~0.1 s at 224 px.
+    The score (and title, e.g. the relative path, and verdict, e.g. 'ANOMALOUS (0.83)') go in the
+    figure title. ~0.1 s at 224 px.
     """
     rgb = _to_rgb(image)
     amap = _to_map(anomaly_map)
@@ -135,7 +136,7 @@ def save_overlay(path: PathLike, image: Any, reconstruction: Any, anomaly_map: A
                       f"anomaly map ({vmin:.3g} - {vmax:.3g})", fontsize=8)
     for ax in axes[:2]:
         ax.set_axis_off()
-    head = f"score {float(score):.4g}"
+    head = f"score {float(score):.4g}" + (f"   {verdict}" if verdict else "")
     fig.suptitle(f"{title}   {head}" if title else head, fontsize=9)
     return _save_figure(fig, path)
 

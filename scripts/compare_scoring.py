@@ -1,0 +1,116 @@
+"""Compare scoring recipes on one trained checkpoint: every pixel-map and image-map recipe from the
+same reconstructions, so a choice of default is measured, never guessed.
+
+    python scripts/compare_scoring.py --checkpoint CKPT --data_path ROOT --output results.json
+
+The test images are reconstructed once (both errors); the held-out normal maps come from the
+checkpoint's calibration, or are recomputed from ROOT/train/good/<held-out names>. Per pixel recipe:
+pixel AUROC, AUPRO, pixel F1 at its held-out pixel threshold; per image recipe: image AUROC, and
+precision/recall/F1 at each image quantile's held-out threshold. Pixel and image metrics depend only
+on their own recipe, so the two tables combine freely.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import collect_error_maps  # noqa: E402
+from main_infer import build_model  # noqa: E402
+from models_mae import AnomalyScorer  # noqa: E402
+from scoring import ScoringOptions, calibration_matches, holdout_error_maps  # noqa: E402
+from util import calibration  # noqa: E402
+from util.calibration import MAP_CHOICES, MapSpec, fit_level, fit_threshold, image_scores, level_map  # noqa: E402
+from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
+from util.datasets import TestDataset, find_test_items  # noqa: E402
+from util.metrics import aupro, auroc, pixel_auroc, threshold_metrics  # noqa: E402
+from util.misc import AMP_CHOICES, resolve_amp, resolve_device  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser("compare_scoring", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a main_train.py checkpoint with held-out images")
+    p.add_argument("--data_path", required=True, help="the category root it was trained on (test split scored)")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--maps", default=",".join(MAP_CHOICES), help="comma-separated recipes (default: all)")
+    p.add_argument("--image_quantiles", default="0.9,0.95,0.99,1.0", help="threshold quantiles to report")
+    p.add_argument("--pixel_quantile", type=float, default=ScoringOptions.pixel_quantile)
+    p.add_argument("--std_floors", default=str(calibration.STD_FLOOR),
+                   help="comma-separated floors of the per-pixel std (fractions of its mean) to compare")
+    p.add_argument("--sigma", type=float, default=ScoringOptions.sigma)
+    p.add_argument("--num_masks", type=int, default=ScoringOptions.num_masks)
+    p.add_argument("--mask_pattern", default=ScoringOptions.mask_pattern)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="as main_infer.py's --amp")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def error_maps_of(model, dataset: TestDataset, options: ScoringOptions, device, amp_dtype) -> dict[str, torch.Tensor]:
+    scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern, options.sigma).to(device)
+    return collect_error_maps(scorer, DataLoader(dataset, batch_size=8), device, amp_dtype)
+
+
+def compare(holdout: dict[str, torch.Tensor], test: dict[str, torch.Tensor], labels: np.ndarray,
+            masks: np.ndarray, recipes: list[str], image_quantiles: list[float], pixel_quantile: float) -> dict:
+    results = {"pixel": {}, "image": {}}
+    for recipe in recipes:
+        spec = MapSpec.parse(recipe)
+        stats, loo = fit_level(holdout, spec)
+        maps = level_map({e: test[e].double() for e in spec.errors}, spec, stats).float()
+        scores = image_scores(maps).numpy()
+        threshold = fit_threshold(loo, loo, "max", 0.01, 1.0, pixel_quantile)
+        normal = labels == 0
+        results["pixel"][recipe] = {
+            "pixel_auroc": pixel_auroc(maps.numpy(), masks), "aupro": aupro(maps.numpy(), masks),
+            "pixel_f1_at_threshold": threshold_metrics(maps.numpy().ravel(), masks.ravel(), threshold.pixel)["f1"]}
+        image = {"image_auroc": auroc(scores, labels), "normal_median": float(np.median(scores[normal]))}
+        for q in image_quantiles:
+            t = fit_threshold(loo, loo, "max", 0.01, q, pixel_quantile).image
+            image[f"q{q:g}"] = threshold_metrics(scores, labels, t)
+        results["image"][recipe] = image
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    options = ScoringOptions(num_masks=args.num_masks, mask_pattern=args.mask_pattern, sigma=args.sigma)
+    model, train_args, stored = build_model(args.checkpoint)
+    model.to(device)
+    if stored and calibration_matches(stored, options, model.img_size):
+        holdout = stored["maps"]
+    elif train_args.get("holdout_files"):
+        holdout = holdout_error_maps(model, args.data_path, train_args["holdout_files"], options, device, amp_dtype)
+    else:
+        raise UserError(f"{args.checkpoint} has no held-out images (trained with --holdout 0?)")
+    dataset = TestDataset(find_test_items(args.data_path), model.img_size)
+    test = error_maps_of(model, dataset, options, device, amp_dtype)
+    labels = np.array([it.label for it in dataset.items])
+    masks = dataset.masks.numpy()
+    recipes = [r.strip() for r in args.maps.split(",") if r.strip()]
+    quantiles = [float(q) for q in args.image_quantiles.split(",")]
+    results = {"checkpoint": str(args.checkpoint), "data_path": str(args.data_path), "sigma": args.sigma,
+               "std_floor": {}}
+    for floor in [float(f) for f in args.std_floors.split(",")]:
+        calibration.STD_FLOOR = floor  # read at call time by the statistics
+        by_floor = results["std_floor"][f"{floor:g}"] = compare(holdout, test, labels, masks, recipes, quantiles,
+                                                                 args.pixel_quantile)
+        print(f"std floor {floor:g}\n{'recipe':14s} {'img AUROC':>9s} {'pix AUROC':>9s} {'AUPRO':>7s} " +
+              " ".join(f"F1@q{q:g}" for q in quantiles))
+        for r in recipes:
+            i, p = by_floor["image"][r], by_floor["pixel"][r]
+            print(f"{r:14s} {i['image_auroc']:9.4f} {p['pixel_auroc']:9.4f} {p['aupro']:7.4f} " +
+                  " ".join(f"{i[f'q{q:g}']['f1']:7.3f}" for q in quantiles))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))
