@@ -47,7 +47,7 @@ def fidelity(model: MaskedAutoencoderViT, imgs: torch.Tensor, recons: torch.Tens
 @torch.no_grad()
 def measure(checkpoint: str, data_path: str, batch_size: int) -> dict[str, float]:
     """Mean patch r and image r of one checkpoint on the normal test images of `data_path`."""
-    model, _ = main_infer.build_model(checkpoint)
+    model = main_infer.build_model(checkpoint)[0]  # the reconstructions need no calibration
     defaults = main_infer.get_args_parser()
     scorer = AnomalyScorer(model, num_masks=defaults.get_default("num_masks"),
                            mask_pattern=defaults.get_default("mask_pattern"))
