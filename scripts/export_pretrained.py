@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_utils import is_lora_name, merge_lora  # noqa: E402
 from models_mae import create_model  # noqa: E402
-from util.checkpoint import FIXED_BUFFERS, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of  # noqa: E402
+from util.checkpoint import (FIXED_BUFFERS, load_pretrained, model_kwargs_from_args, read_checkpoint,  # noqa: E402
+                             state_dict_of)
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.misc import save_atomic  # noqa: E402
 

@@ -37,7 +37,8 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-12)
 
 
-def fidelity(model: MaskedAutoencoderViT, imgs: torch.Tensor, recons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fidelity(model: MaskedAutoencoderViT, imgs: torch.Tensor,
+             recons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-patch correlations of the non-flat patches [M], per-image correlations [N])."""
     x, r = model.patchify(imgs), model.patchify(recons)  # [N, L, p*p*3]
     detailed = x.std(-1) > FLAT_STD  # [N, L]
