@@ -202,8 +202,11 @@ def _block_linears(D: int, H: int) -> list[tuple[str, int, int]]:
     return [("qkv", D, 3 * D), ("proj", D, D), ("fc1", D, H), ("fc2", H, D)]
 
 
-def inference_flops(model: MaskedAutoencoderViT, num_images: int, num_masks: int, smoothing_taps: int) -> float:
-    """FLOPs of scoring num_images images with K views, batched and merged (see the module docstring)."""
+def inference_flops(model: MaskedAutoencoderViT, num_images: int, num_masks: int, smoothing_taps: int,
+                    smoothed_maps: int = 2) -> float:
+    """FLOPs of scoring num_images images with K views, batched and merged (see the module docstring).
+
+    The scorer smooths `smoothed_maps` maps per image (the pixel-level and the image-level map)."""
     d = _dims(model)
     L, D, Dd, P = d["L"], d["D"], d["Dd"], d["P"]
     hidden = L // num_masks
@@ -215,7 +218,7 @@ def inference_flops(model: MaskedAutoencoderViT, num_images: int, num_masks: int
     per_seq = (d["depth"] * block(te, D, d["H"]) + 2 * te * D * Dd
                + d["ddepth"] * block(td, Dd, d["Hd"]) + 2 * td * Dd * P)
     side = model.img_size
-    smooth = 2 * 2 * side * side * smoothing_taps
+    smooth = smoothed_maps * 2 * 2 * side * side * smoothing_taps
     return float(num_images * (2 * L * P * D + num_masks * per_seq + smooth))
 
 
