@@ -36,7 +36,7 @@ from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_s
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
 from util.datasets import TestDataset, TestItem, find_test_items, load_mask, raw_layout_stem, unlabelled_items
-from util.files import output_stem, write_atomic
+from util.files import output_stem, prepare_output_dir, write_atomic
 from util.masks import MASK_PATTERNS
 from util.metrics import format_metrics_table, threshold_metrics
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device
@@ -320,14 +320,6 @@ def save_map(path: Path, anomaly_map: np.ndarray) -> None:
 
 def save_text(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def prepare_output_dir(output_dir: str) -> Path:
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def scores_csv(collector: ScoreCollector, threshold: Optional[Threshold]) -> str:

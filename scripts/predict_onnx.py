@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn  # noqa: E402
-from util.files import output_stem, write_atomic  # noqa: E402
+from util.files import output_stem, prepare_output_dir, write_atomic  # noqa: E402
 from util.images import UnreadableImage, find_images, load_rgb, resize_square  # noqa: E402
 
 OUTPUT_NAMES = ("score", "score_normalized", "label", "anomaly_map")  # as scripts/export.py writes them
@@ -128,14 +128,6 @@ def scores_csv(rel_paths: list[str], scores: np.ndarray, normalized: np.ndarray,
     for rel, score, norm, label in zip(rel_paths, scores, normalized, labels):
         writer.writerow([rel, "", "", repr(float(score)), f"{float(norm):.6f}", int(label)])
     return buf.getvalue()
-
-
-def prepare_output_dir(output_dir: str) -> Path:
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def main(args: argparse.Namespace) -> int:

@@ -32,3 +32,15 @@ def prepared_category(synthetic_category, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("prepared") / "capsule_synth"
     prepare(synthetic_category, dst, log=lambda msg: None)
     return dst
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for in-process training and scoring: the test machine's 2 cores are
+    shared, and OpenMP threads that spin while waiting for a busy core make tiny steps 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ OFFICIAL_TINY = {"embed_dim": 192, "depth": 12, "decoder_dim": 128, "decoder_dep
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the test machine's 2 cores are shared (see tests/test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

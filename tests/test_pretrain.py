@@ -23,12 +23,7 @@ PRETRAIN = ["--model", "mae_vit_tiny_patch7", "--input_size", "28", "--batch_siz
             "--save_every", "0", "--print_freq", "1", "--holdout", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrain(tmp_path: Path, lora_rank: int) -> Path:

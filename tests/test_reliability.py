@@ -37,13 +37,7 @@ TRAIN_ARGS = {"model": "mae_vit_tiny_patch7", "input_size": SIZE, "norm_pix_loss
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for in-process runs (the 2 test cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -26,14 +26,7 @@ TINY = ["--model", "mae_vit_tiny_patch7", "--input_size", "56", "--batch_size", 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for in-process training: the test machine's 2 cores are shared, and
-    OpenMP threads that spin while waiting for a busy core make tiny steps 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
