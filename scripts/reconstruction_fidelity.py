@@ -11,7 +11,10 @@ model's normalised input space, at fp32:
 A model that reconstructs a blurred template scores a high image r and a low patch r.
 
   python scripts/reconstruction_fidelity.py --data_path /data/capsule \\
-      --checkpoint runs/scratch/checkpoint-last.pth runs/prior/checkpoint-last.pth
+      --checkpoint runs/scratch/checkpoint-last.pth runs/prior/checkpoint-last.pth \\
+      --labels scratch prior --figure recon_capsule.png
+
+--figure draws the first --figure_images normal test images and each checkpoint's reconstruction.
 """
 import argparse
 import sys
@@ -26,6 +29,7 @@ import main_infer  # noqa: E402
 from models_mae import AnomalyScorer, MaskedAutoencoderViT  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items  # noqa: E402
+from util.visualize import save_reconstruction_grid  # noqa: E402
 
 FLAT_STD = 0.05  # patches whose input std (normalised units) is below this have no detail to draw
 
@@ -46,8 +50,9 @@ def fidelity(model: MaskedAutoencoderViT, imgs: torch.Tensor,
 
 
 @torch.no_grad()
-def measure(checkpoint: str, data_path: str, batch_size: int) -> dict[str, float]:
-    """Mean patch r and image r of one checkpoint on the normal test images of `data_path`."""
+def measure(checkpoint: str, data_path: str, batch_size: int, keep: int = 0) -> dict:
+    """Mean patch r and image r of one checkpoint on the normal test images of `data_path`; with
+    keep > 0 also the first `keep` images and their reconstructions (`images_kept`, `recons_kept`)."""
     model = main_infer.build_model(checkpoint)[0]  # the reconstructions need no calibration
     defaults = main_infer.get_args_parser()
     scorer = AnomalyScorer(model, num_masks=defaults.get_default("num_masks"),
@@ -55,30 +60,47 @@ def measure(checkpoint: str, data_path: str, batch_size: int) -> dict[str, float
     items = [item for item in find_test_items(data_path) if item.label == 0]
     if not items:
         raise UserError(f"{data_path} has no normal test images (test/good)")
-    patch_r, image_r = [], []
+    patch_r, image_r, kept_imgs, kept_recons = [], [], [], []
     for batch in DataLoader(TestDataset(items, model.img_size), batch_size=batch_size):
         imgs = batch["image"]
-        p, i = fidelity(model, imgs, scorer(imgs).reconstructions.float())
+        recons = scorer(imgs).reconstructions.float()
+        p, i = fidelity(model, imgs, recons)
         patch_r.append(p)
         image_r.append(i)
+        kept_imgs += list(imgs[:keep - len(kept_imgs)])
+        kept_recons += list(recons[:keep - len(kept_recons)])
     return {"patch_r": torch.cat(patch_r).mean().item(), "image_r": torch.cat(image_r).mean().item(),
-            "images": len(items)}
+            "images": len(items), "images_kept": kept_imgs, "recons_kept": kept_recons}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data_path", required=True, help="category folder with test/good/")
     p.add_argument("--checkpoint", nargs="+", required=True, help="main_train.py checkpoints to compare")
+    p.add_argument("--labels", nargs="+", help="a short name per checkpoint for the figure (default: the paths)")
+    p.add_argument("--figure", help="also write a PNG: normal test images and each checkpoint's reconstruction")
+    p.add_argument("--figure_images", type=int, default=3, help="rows of the figure (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
+    labels = args.labels or args.checkpoint
+    if len(labels) != len(args.checkpoint):
+        raise UserError(f"--labels gives {len(labels)} names for {len(args.checkpoint)} checkpoints")
+    keep = args.figure_images if args.figure else 0
     print(f"{'patch r':>8} {'image r':>8}  checkpoint  ({args.data_path}, normal test images, hidden patches)")
-    for checkpoint in args.checkpoint:
-        result = measure(checkpoint, args.data_path, args.batch_size)
+    images, reconstructions = [], {}
+    for label, checkpoint in zip(labels, args.checkpoint):
+        result = measure(checkpoint, args.data_path, args.batch_size, keep=keep)
         print(f"{result['patch_r']:8.3f} {result['image_r']:8.3f}  {checkpoint}", flush=True)
+        images = result["images_kept"]
+        reconstructions[f"{label} (patch r {result['patch_r']:.2f})"] = result["recons_kept"]
+    if args.figure:
+        path = save_reconstruction_grid(args.figure, images, reconstructions,
+                                        title=f"{args.data_path}: normal test images, hidden patches reconstructed")
+        print(f"figure: {path}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from models_mae import create_model
 from official_ckpt import official_mae_state_dict
 from scripts.export_pretrained import export, sha256_of
 from scripts.make_procedural import make_procedural
+from scripts import reconstruction_fidelity
 from scripts.reconstruction_fidelity import fidelity, measure
 from util.checkpoint import load_pretrained
 from util.cli import run_cli
@@ -104,3 +105,18 @@ def test_fidelity_of_a_trained_checkpoint(pretrained_run, synthetic_category):
     result = measure(str(pretrained_run), str(synthetic_category), batch_size=4)
     assert result["images"] == 4
     assert -1 <= result["patch_r"] <= 1 and -1 <= result["image_r"] <= 1
+    assert result["images_kept"] == [] and result["recons_kept"] == []
+
+
+@pytest.mark.slow
+def test_fidelity_cli_draws_the_reconstructions(pretrained_run, synthetic_category, tmp_path, capsys):
+    figure = tmp_path / "recon.png"
+    argv = ["--data_path", str(synthetic_category), "--checkpoint", str(pretrained_run), str(pretrained_run),
+            "--labels", "a", "b", "--figure", str(figure), "--figure_images", "2"]
+    parser = reconstruction_fidelity.get_args_parser()
+    assert run_cli(reconstruction_fidelity.main, parser.parse_args(argv)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[1:3]]
+    assert rows[0][:2] == rows[1][:2]  # the same checkpoint twice: the same correlations
+    assert figure.stat().st_size > 0 and f"figure: {figure}" in lines
+    assert run_cli(reconstruction_fidelity.main, parser.parse_args(argv[:-4] + ["--labels", "a"])) == 2

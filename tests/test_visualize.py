@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-from util.visualize import denormalize, save_overlay, save_roc, save_summary
+from util.visualize import denormalize, save_overlay, save_reconstruction_grid, save_roc, save_summary
 
 
 def _normalise(rgb: np.ndarray) -> torch.Tensor:
@@ -21,6 +21,7 @@ def _check_png(path, min_wh=(150, 150), max_wh=(2000, 2000)):
         assert im.format == "PNG"
         w, h = im.size
     assert min_wh[0] <= w <= max_wh[0] and min_wh[1] <= h <= max_wh[1], (w, h)
+    return w, h
 
 
 def test_denormalize_round_trip():
@@ -93,3 +94,16 @@ def test_save_summary(tmp_path):
     save_summary(tmp_path / "none.png", [])  # nothing labelled at all
     _check_png(tmp_path / "none.png", min_wh=(100, 100))
 
+
+
+def test_save_reconstruction_grid(tmp_path):
+    rng = np.random.default_rng(4)
+    images = [_normalise(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    recons = {"scratch": [torch.zeros(3, 32, 32)] * 2, "prior": [np.zeros((32, 32, 3), np.uint8)] * 2}
+    save_reconstruction_grid(tmp_path / "grid.png", images, recons, title="capsule")
+    w, h = _check_png(tmp_path / "grid.png", min_wh=(250, 250), max_wh=(800, 800))
+    assert w > h  # three columns, two rows
+    with pytest.raises(ValueError, match="1 reconstructions for 2 images"):
+        save_reconstruction_grid(tmp_path / "bad.png", images, {"scratch": images[:1]})
+    with pytest.raises(ValueError, match="no images"):
+        save_reconstruction_grid(tmp_path / "none.png", [], {})

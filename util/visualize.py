@@ -223,3 +223,33 @@ def save_summary(path: PathLike, items: Sequence[Any], max_per_group: int = 8,
                         transform=axes[r, 0].transAxes)
     fig.suptitle(f"failures first (heatmap scale {vmin:.3g} - {vmax:.3g})", fontsize=8)
     return _save_figure(fig, path)
+
+
+def save_reconstruction_grid(path: PathLike, images: Sequence[Any],
+                             reconstructions: dict[str, Sequence[Any]], title: str = "") -> Path:
+    """Rows = images; columns = the input, then each named model's reconstruction of it.
+
+    images: normalised [3, H, W] or uint8 [H, W, 3], one per row; reconstructions: {column name:
+    one reconstruction per image, same formats}. Used to show what a model draws, not how it scores.
+    """
+    n_rows, n_cols = len(images), 1 + len(reconstructions)
+    if n_rows == 0:
+        raise ValueError("no images to draw")
+    for name, recons in reconstructions.items():
+        if len(recons) != n_rows:
+            raise ValueError(f"{name}: {len(recons)} reconstructions for {n_rows} images")
+    cell, title_h, head_h = 1.7, 0.25, 0.3 if title else 0.0  # inches
+    height = (cell + title_h) * n_rows + head_h
+    fig = Figure(figsize=(cell * n_cols, height), dpi=_DPI)
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head_h + title_h) / height,
+                        wspace=0.04, hspace=title_h / cell)
+    columns = [("input", images)] + list(reconstructions.items())
+    for c, (name, pictures) in enumerate(columns):
+        for r in range(n_rows):
+            axes[r, c].imshow(_to_rgb(pictures[r]), interpolation="nearest")
+            axes[r, c].set_axis_off()
+        axes[0, c].set_title(_short(name), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return _save_figure(fig, path)
