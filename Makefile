@@ -17,6 +17,10 @@ LR         ?= 1.5e-3
 WARMUP     ?= 4
 MASK_RATIO ?= 0.25
 DEVICE     ?= auto
+# The shipped procedural prior (README, "A pretrained prior"): it beat training from scratch on
+# average over three kinds of data. It exists for the tiny model only; PRETRAINED= trains from scratch.
+PRIOR      := weights/mae_vit_tiny_patch7_procedural_112.pth
+PRETRAINED ?= $(if $(filter mae_vit_tiny_patch7,$(MODEL)),$(PRIOR),)
 DEMO_DATA  := $(if $(DATA),$(DATA),$(OUT)/data/capsule_prepared)
 
 .PHONY: test demo clean-demo help
@@ -49,7 +53,7 @@ endif
 	$(BIN)/python main_train.py --data_path $(DEMO_DATA) --output_dir $(OUT)/train --model $(MODEL) \
 	    --input_size $(INPUT_SIZE) --epochs $(EPOCHS) --batch_size $(BATCH_SIZE) --lr $(LR) \
 	    --warmup_epochs $(WARMUP) --train_mask_ratio $(MASK_RATIO) --save_every 0 --num_workers 0 \
-	    --print_freq 100 --device $(DEVICE)
+	    --print_freq 100 --device $(DEVICE) $(if $(PRETRAINED),--pretrained $(PRETRAINED),)
 	$(BIN)/python main_infer.py --checkpoint $(OUT)/train/checkpoint-last.pth --data_path $(DEMO_DATA) \
 	    --output_dir $(OUT)/eval --device $(DEVICE)
 

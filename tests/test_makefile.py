@@ -37,6 +37,14 @@ def test_demo_commands_parse_with_the_scripts_parsers(tmp_path):
     assert Path(parsed["main_train.py"].data_path) == Path(prepared)
     assert Path(parsed["main_infer.py"].data_path) == Path(prepared)
     assert Path(parsed["main_infer.py"].checkpoint).parent == Path(parsed["main_train.py"].output_dir)
+    # the shipped procedural prior, which exists for the default (tiny) model
+    assert (ROOT / parsed["main_train.py"].pretrained).is_file()
+    assert parsed["main_train.py"].model == "mae_vit_tiny_patch7"
+
+
+def test_demo_from_scratch_on_request(tmp_path):
+    commands = _demo_commands(f"OUT={tmp_path}", "PRETRAINED=")
+    assert main_train.get_args_parser().parse_args(commands["main_train.py"]).pretrained is None
 
 
 def test_demo_overrides_and_own_data(tmp_path):
@@ -47,6 +55,7 @@ def test_demo_overrides_and_own_data(tmp_path):
     assert (train.epochs, train.model, train.input_size, train.batch_size) == (
         7, "mae_vit_small_patch7", 56, 4)
     assert train.data_path == f"{tmp_path}/mine"
+    assert train.pretrained is None  # the prior is a tiny model: another model starts from scratch
     infer = main_infer.get_args_parser().parse_args(commands["main_infer.py"])
     assert infer.data_path == f"{tmp_path}/mine"
 
