@@ -96,10 +96,10 @@ def main(args: argparse.Namespace) -> None:
         result = measure(checkpoint, args.data_path, args.batch_size, keep=keep)
         print(f"{result['patch_r']:8.3f} {result['image_r']:8.3f}  {checkpoint}", flush=True)
         images = result["images_kept"]
-        reconstructions[f"{label} (patch r {result['patch_r']:.2f})"] = result["recons_kept"]
+        reconstructions[f"{label}\npatch r {result['patch_r']:.2f}"] = result["recons_kept"]
     if args.figure:
         path = save_reconstruction_grid(args.figure, images, reconstructions,
-                                        title=f"{args.data_path}: normal test images, hidden patches reconstructed")
+                                        title=f"{Path(args.data_path).name}: normal test images, hidden patches reconstructed")
         print(f"figure: {path}")
 
 

@@ -238,7 +238,7 @@ def save_reconstruction_grid(path: PathLike, images: Sequence[Any],
     for name, recons in reconstructions.items():
         if len(recons) != n_rows:
             raise ValueError(f"{name}: {len(recons)} reconstructions for {n_rows} images")
-    cell, title_h, head_h = 1.7, 0.25, 0.3 if title else 0.0  # inches
+    cell, title_h, head_h = 1.7, 0.35, 0.3 if title else 0.0  # inches; column names of up to two lines
     height = (cell + title_h) * n_rows + head_h
     fig = Figure(figsize=(cell * n_cols, height), dpi=_DPI)
     axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
@@ -249,7 +249,7 @@ def save_reconstruction_grid(path: PathLike, images: Sequence[Any],
         for r in range(n_rows):
             axes[r, c].imshow(_to_rgb(pictures[r]), interpolation="nearest")
             axes[r, c].set_axis_off()
-        axes[0, c].set_title(_short(name), fontsize=7)
+        axes[0, c].set_title(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=8)
     return _save_figure(fig, path)
