@@ -331,8 +331,9 @@ class AnomalyScorer(nn.Module):
     util.error_maps) of the composite reconstruction are turned into two maps by recipes
     (util.calibration): the pixel-level map (smoothed by a Gaussian of `sigma`, returned as
     `anomaly_maps`) and the image-level map (smoothed by `image_sigma`, default `sigma`), reduced to
-    the image score by its max or the mean of its top `topk_fraction` pixels. Recipes other than raw mse/msgms need held-out statistics
-    (`pixel_stats`, `image_stats`). Decisions (thresholds) are the caller's.
+    the image score by its max or the mean of its top `topk_fraction` pixels. Recipes other than raw
+    mse/msgms need held-out statistics (`pixel_stats`, `image_stats`). Decisions (thresholds) are the
+    caller's.
     """
 
     def __init__(

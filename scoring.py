@@ -113,7 +113,8 @@ def build_scorer(model: MaskedAutoencoderViT, options: ScoringOptions,
     else:
         stats, threshold = fit_scoring(maps, options)
     scorer = AnomalyScorer(model, num_masks=options.num_masks, mask_pattern=options.mask_pattern,
-                           sigma=options.sigma, image_sigma=options.image_sigma, score=options.score, topk_fraction=options.topk_fraction,
+                           sigma=options.sigma, image_sigma=options.image_sigma, score=options.score,
+                           topk_fraction=options.topk_fraction,
                            pixel_map=options.pixel_map, image_map=options.image_map,
                            pixel_stats=stats[0], image_stats=stats[1])
     return scorer, threshold

@@ -143,7 +143,8 @@ def choose_threshold(calibrated: Optional[Threshold], manual: Optional[float], c
 
 def scoring_options(scorer: AnomalyScorer) -> dict[str, Any]:
     return {"num_masks": int(scorer.masks.shape[0]), "sigma": scorer.smoothing.sigma,
-            "image_sigma": scorer.image_smoothing.sigma, "score": scorer.score, "topk_fraction": scorer.topk_fraction, "pixel_map": str(scorer.pixel_level.spec),
+            "image_sigma": scorer.image_smoothing.sigma, "score": scorer.score,
+            "topk_fraction": scorer.topk_fraction, "pixel_map": str(scorer.pixel_level.spec),
             "image_map": str(scorer.image_level.spec)}
 
 
