@@ -1,0 +1,131 @@
+"""CPU bf16 training kernels: the flash attention with a bf16 forward and an fp32 backward, the
+model's Attention paths and the LoRA layer's forward, each against an fp32 reference."""
+import loralib as lora
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+
+import models_mae
+from lora_utils import LoRALinear
+from models_mae import Attention
+from util.attention import flash_attention_bf16_forward
+
+BF16 = torch.bfloat16
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def _inputs(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).to(BF16) for _ in range(4)]  # q, k, v, grad_out
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_flash_forward_bf16_backward_fp32_matches_fp32_attention(scale):
+    q, k, v, grad_out = _inputs(2, 3, 70, 16)
+    fast = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash_attention_bf16_forward(*fast, scale=scale)
+    out.backward(grad_out)
+    ref = [t.float().requires_grad_() for t in (q, k, v)]  # the same bf16 values, fp32 maths
+    ref_out = F.scaled_dot_product_attention(*ref, scale=scale)
+    ref_out.backward(grad_out.float())
+    assert out.dtype == BF16 and all(t.grad.dtype == BF16 for t in fast)
+    assert _relative_error(out, ref_out) < 1e-2
+    for mine, theirs in zip(fast, ref):
+        assert _relative_error(mine.grad, theirs.grad) < 2e-2  # bf16 rounding of the output and grads
+
+
+def test_flash_attention_bf16_forward_is_cpu_only():
+    q = torch.zeros(1, 1, 2, 4, dtype=BF16, device="meta")
+    with pytest.raises(ValueError, match="CPU kernel"):
+        flash_attention_bf16_forward(q, q, q)
+
+
+def _fp32_reference(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm's forward in fp32 on the bf16-rounded weights and input: output, grad of x, grad of qkv.weight."""
+    ref = Attention(attn.qkv.in_features, num_heads=attn.num_heads, qkv_bias=True)
+    ref.load_state_dict({k: v.to(BF16).float() for k, v in attn.state_dict().items()})
+    x = x.to(BF16).float().requires_grad_()
+    out = TimmAttention.forward(ref, x)
+    out.square().sum().backward()
+    return out, x.grad, ref.qkv.weight.grad
+
+
+@pytest.mark.parametrize("length", [40, Attention.SHORT_SEQUENCE + 30])  # matmul path, flash path
+def test_cpu_bf16_training_attention_matches_timm_in_fp32(length, monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4, qkv_bias=True).train()
+    x = torch.randn(2, length, 64)
+    ref_out, ref_grad_x, ref_grad_w = _fp32_reference(attn, x)
+
+    flash_calls = []
+    monkeypatch.setattr(models_mae, "flash_attention_bf16_forward",
+                        lambda *a, **kw: flash_calls.append(1) or flash_attention_bf16_forward(*a, **kw))
+    monkeypatch.setattr(TimmAttention, "forward", lambda *a, **kw: pytest.fail("took timm's forward"))
+    x = x.requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        out = attn(x)
+    out.float().square().sum().backward()
+
+    assert len(flash_calls) == (length > Attention.SHORT_SEQUENCE)
+    assert _relative_error(out, ref_out) < 2e-2
+    assert _relative_error(x.grad, ref_grad_x) < 3e-2
+    assert _relative_error(attn.qkv.weight.grad, ref_grad_w) < 3e-2
+
+
+def test_inference_and_fp32_take_timms_forward(monkeypatch):
+    attn = Attention(32, num_heads=2).train()
+    x = torch.randn(1, 10, 32)
+    calls = []
+    original = TimmAttention.forward
+    monkeypatch.setattr(TimmAttention, "forward", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    attn(x)  # fp32 training
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        attn(x)  # bf16 inference
+    attn.attn_drop.p = 0.1
+    with torch.autocast("cpu", dtype=BF16):
+        attn(x)  # attention dropout while training
+    assert len(calls) == 3
+
+
+def _lora_pair():
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 36, r=4, lora_alpha=8, merge_weights=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # zero B (loralib's init) would hide a wrong update
+    reference = lora.Linear(24, 36, r=4, lora_alpha=8, merge_weights=False)
+    reference.load_state_dict(layer.state_dict())
+    return layer, reference
+
+
+def test_models_get_the_lora_linear():
+    model = models_mae.create_model("mae_vit_tiny_patch7", img_size=28, lora_rank=2)
+    assert type(model.blocks[0].attn.qkv) is LoRALinear and type(model.decoder_blocks[0].attn.proj) is LoRALinear
+
+
+def test_lora_linear_equals_loralib_in_fp32():
+    layer, reference = _lora_pair()
+    assert layer.scaling == 2.0
+    x = torch.randn(3, 5, 24)
+    out, ref = layer(x), reference(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for name in ("lora_A", "lora_B", "weight"):
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(reference, name).grad, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_linear_under_autocast_is_bf16_and_close_to_loralib():
+    layer, reference = _lora_pair()
+    x = torch.randn(3, 5, 24)
+    with torch.autocast("cpu", dtype=BF16):
+        out = layer(x)
+    assert out.dtype == BF16
+    assert _relative_error(out, reference(x)) < 1e-2
+    with torch.no_grad():
+        layer.weight += (layer.lora_B @ layer.lora_A) * layer.scaling
+    layer.merged = True  # a merged layer is the plain linear
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
