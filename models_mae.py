@@ -12,11 +12,12 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from timm.layers import PatchEmbed
 from timm.layers import Attention as TimmAttention
+from timm.layers import Mlp as TimmMlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from lora_utils import inject_lora
-from util.attention import flash_attention_bf16_forward
+from util.cpu_kernels import flash_attention_bf16_forward, linear_gelu, linear_gelu_supported
 from util.calibration import SCORE_METHODS, LevelStats, MapSpec, image_scores, level_map
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.error_maps import ERRORS, msgms
@@ -35,7 +36,7 @@ class Attention(TimmAttention):
       where the probabilities were rounded before AV anyway); PyTorch's flash attention backward
       is slower there.
     - longer ones (the decoder's 1 + L tokens): flash attention with the forward in the autocast
-      dtype and the backward in fp32 (util.attention), the faster half of each.
+      dtype and the backward in fp32 (util.cpu_kernels), the faster half of each.
     On a mae_vit_large_patch7 training step at 224 px these are 6% each against the previous choice
     (fp32 softmax, fp32 flash attention). Inference, CUDA and fp32 run timm's forward unchanged.
     """
@@ -58,6 +59,20 @@ class Attention(TimmAttention):
             x = flash_attention_bf16_forward(q.to(v.dtype), k.to(v.dtype), v, scale=self.scale)
         x = self.norm(x.transpose(1, 2).reshape(n, length, self.attn_dim))
         return self.proj_drop(self.proj(x))
+
+
+class Mlp(TimmMlp):
+    """timm's Mlp (same tensors, same names, same function); in bf16 CPU inference fc1's bias and
+    GELU run inside its matmul (util.cpu_kernels.linear_gelu), about 5% off a mae_vit_large_patch7
+    scoring call. Training, CUDA, fp32 and an unmerged LoRA fc1 run timm's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unmerged_lora = getattr(self.fc1, "r", 0) > 0 and not self.fc1.merged
+        if (unmerged_lora or type(self.act) is not nn.GELU or self.act.approximate != "none"
+                or not linear_gelu_supported(x, self.fc1.weight)):
+            return super().forward(x)
+        x = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # = act(fc1(x))
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -97,7 +112,8 @@ class MaskedAutoencoderViT(nn.Module):
         # names; official weights made for another grid are never loaded into them.
         self.register_buffer("pos_embed", torch.zeros(1, num_patches + 1, embed_dim))
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                  attn_layer=Attention, mlp_layer=Mlp)
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
@@ -107,7 +123,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.register_buffer("decoder_pos_embed", torch.zeros(1, num_patches + 1, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                  attn_layer=Attention)
+                  attn_layer=Attention, mlp_layer=Mlp)
             for _ in range(decoder_depth)
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)

@@ -1,15 +1,17 @@
-"""CPU bf16 training kernels: the flash attention with a bf16 forward and an fp32 backward, the
-model's Attention paths and the LoRA layer's forward, each against an fp32 reference."""
+"""CPU bf16 kernels, each against an fp32 reference: the flash attention with a bf16 forward and an
+fp32 backward and the model's Attention paths (training), the LoRA layer's forward, and the fused
+fc1 + GELU of the model's Mlp (inference)."""
 import loralib as lora
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
+from timm.layers import Mlp as TimmMlp
 
 import models_mae
 from lora_utils import LoRALinear
-from models_mae import Attention
-from util.attention import flash_attention_bf16_forward
+from models_mae import Attention, Mlp
+from util.cpu_kernels import flash_attention_bf16_forward, linear_gelu, linear_gelu_supported
 
 BF16 = torch.bfloat16
 
@@ -129,3 +131,51 @@ def test_lora_linear_under_autocast_is_bf16_and_close_to_loralib():
         layer.weight += (layer.lora_B @ layer.lora_A) * layer.scaling
     layer.merged = True  # a merged layer is the plain linear
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_linear_gelu_matches_fp32_and_refuses_gradients():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 7, 32), torch.randn(48, 32) / 6, torch.randn(48)
+    with torch.no_grad():
+        out = linear_gelu(x, weight.to(BF16), bias)
+    reference = F.gelu(F.linear(x.to(BF16).float(), weight.to(BF16).float(), bias.to(BF16).float()))
+    assert out.dtype == BF16 and out.shape == (3, 7, 48)
+    assert _relative_error(out, reference) < 1e-2
+    assert not linear_gelu_supported(x, weight.to(BF16))  # gradients on
+    with pytest.raises(ValueError, match="no gradients"):
+        linear_gelu(x, weight.to(BF16), bias)
+
+
+def _spy_linear_gelu(monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(models_mae, "linear_gelu", lambda *a: calls.append(1) or linear_gelu(*a))
+    return calls
+
+
+def test_mlp_fuses_fc1_and_gelu_in_bf16_cpu_inference(monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(32, 64).eval()
+    x = torch.randn(2, 9, 32)
+    reference = TimmMlp.forward(mlp, x)  # fp32
+    mlp.fc1.to(BF16)
+    mlp.fc2.to(BF16)
+    calls = _spy_linear_gelu(monkeypatch)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+        out = mlp(x)
+    assert calls == [1]
+    assert _relative_error(out, reference) < 2e-2
+
+
+def test_mlp_takes_timms_forward_when_it_cannot_fuse(monkeypatch):
+    mlp = Mlp(16, 32).to(BF16)
+    calls = _spy_linear_gelu(monkeypatch)
+    x = torch.randn(1, 4, 16, dtype=BF16)
+    mlp(x)  # gradients recorded (training)
+    with torch.no_grad():
+        Mlp(16, 32)(x.float())  # fp32 weights
+        lora_mlp = Mlp(16, 32)
+        lora_mlp.fc1 = LoRALinear(16, 32, r=2, merge_weights=False)
+        lora_mlp.to(BF16)(x)  # an unmerged adapter on fc1
+        lora_mlp.fc1.merged = True
+        lora_mlp(x)
+    assert calls == [1]  # only the merged one
