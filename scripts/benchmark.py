@@ -41,10 +41,10 @@ bf16, measured at the start and at the end of the same run (the better of the tw
 TFLOP/s are reported as fractions of both. Targets (TARGET_FRAC_BF16_PEAK, for ViT-L/7 at 224 px
 on the CPU): the fast training step at >= 70% of the bf16 peak, fast inference at >= 62%.
 --profile N profiles one fast inference call and one fast training step (torch.profiler, self
-time per op) and splits it into linears (mm/addmm and the patch-embedding convolution, forward
-and backward), attention (QK^T and AV matmuls, softmax, fused SDPA, forward and backward) and
-everything else (norms, GELU, residual adds, casts and copies, masking, optimizer, ...), with the
-N largest ops of the rest.
+time per op) and splits it into linears (mm/addmm, the fused fc1 + GELU of CPU inference and the
+patch-embedding convolution, forward and backward), attention (QK^T and AV matmuls, softmax, fused
+SDPA, forward and backward) and everything else (norms, GELU, residual adds, casts and copies,
+masking, optimizer, ...), with the N largest ops of the rest.
 Memory ("peak MiB") = the path's own model tensors (parameters + buffers, counted exactly) + the
 growth of peak memory during its isolated warmup (activations, autocast copies, optimizer state,
 workspaces): on CUDA max_memory_allocated minus memory_allocated at the start; on the CPU the
@@ -438,9 +438,11 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> Optional
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-# Self-time categories of a profiled step (aten op names, forward and backward).
+# Self-time categories of a profiled step (op names, forward and backward). oneDNN's linear with a
+# fused GELU (util.cpu_kernels.linear_gelu, CPU inference) counts as a linear, its GELU included.
 LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::mkldnn_convolution", "aten::convolution_backward",
-              "aten::_convolution", "aten::cudnn_convolution", "aten::cudnn_convolution_backward")
+              "aten::_convolution", "aten::cudnn_convolution", "aten::cudnn_convolution_backward",
+              "mkldnn::_linear_pointwise")
 ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data")
 ATTENTION_PREFIX = "aten::_scaled_dot_product"  # fused SDPA kernels and their backward, any backend
 

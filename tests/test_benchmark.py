@@ -180,6 +180,7 @@ def test_script_end_to_end_writes_the_promised_json(tmp_path):
 def test_profile_categories():
     assert benchmark.op_category("aten::addmm") == "linears" and benchmark.op_category("aten::mm") == "linears"
     assert benchmark.op_category("aten::convolution_backward") == "linears"
+    assert benchmark.op_category("mkldnn::_linear_pointwise") == "linears"  # fc1 + GELU in bf16 inference
     for name in ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_efficient_attention_forward"):
         assert benchmark.op_category(name) == "attention", name
