@@ -179,3 +179,33 @@ def test_mlp_takes_timms_forward_when_it_cannot_fuse(monkeypatch):
         lora_mlp.fc1.merged = True
         lora_mlp(x)
     assert calls == [1]  # only the merged one
+
+
+def test_bf16_training_step_of_a_model_with_a_long_decoder_matches_fp32(monkeypatch):
+    """Both attention paths in one model (168 px: 145 encoder tokens, 577 decoder tokens) and the LoRA
+    layers: loss and gradients of a bf16 autocast step against the same step in fp32."""
+    torch.manual_seed(0)
+    model = models_mae.create_model("mae_vit_tiny_patch7", img_size=168, lora_rank=2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.02)
+    imgs = torch.randn(2, 3, 168, 168)
+    checked = ("blocks.0.attn.qkv.lora_B", "decoder_blocks.0.attn.qkv.lora_A", "patch_embed.proj.weight")
+    flash_calls = []
+    monkeypatch.setattr(models_mae, "flash_attention_bf16_forward",
+                        lambda *a, **kw: flash_calls.append(1) or flash_attention_bf16_forward(*a, **kw))
+    results = []
+    for autocast_on in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same random masks
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast_on):
+            loss, _, _ = model(imgs)
+        loss.backward()
+        params = dict(model.named_parameters())
+        results.append((loss.detach(), {name: params[name].grad.clone() for name in checked}))
+    (fast_loss, fast_grads), (ref_loss, ref_grads) = results
+    assert len(flash_calls) == len(model.decoder_blocks)  # the decoder took the flash path, fp32 did not
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-2, atol=0)
+    for name in checked:
+        assert _relative_error(fast_grads[name], ref_grads[name]) < 5e-2, name
