@@ -56,6 +56,14 @@ def _fp32_reference(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return out, x.grad, ref.qkv.weight.grad
 
 
+def _spy_flash_attention(monkeypatch) -> list:
+    """Count the model's calls of the flash kernel (each still runs)."""
+    calls = []
+    monkeypatch.setattr(models_mae, "flash_attention_bf16_forward",
+                        lambda *a, **kw: calls.append(1) or flash_attention_bf16_forward(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("length", [40, Attention.SHORT_SEQUENCE + 30])  # matmul path, flash path
 def test_cpu_bf16_training_attention_matches_timm_in_fp32(length, monkeypatch):
     torch.manual_seed(0)
@@ -63,9 +71,7 @@ def test_cpu_bf16_training_attention_matches_timm_in_fp32(length, monkeypatch):
     x = torch.randn(2, length, 64)
     ref_out, ref_grad_x, ref_grad_w = _fp32_reference(attn, x)
 
-    flash_calls = []
-    monkeypatch.setattr(models_mae, "flash_attention_bf16_forward",
-                        lambda *a, **kw: flash_calls.append(1) or flash_attention_bf16_forward(*a, **kw))
+    flash_calls = _spy_flash_attention(monkeypatch)
     monkeypatch.setattr(TimmAttention, "forward", lambda *a, **kw: pytest.fail("took timm's forward"))
     x = x.requires_grad_()
     with torch.autocast("cpu", dtype=BF16):
@@ -192,9 +198,7 @@ def test_bf16_training_step_of_a_model_with_a_long_decoder_matches_fp32(monkeypa
                 param.normal_(0.0, 0.02)
     imgs = torch.randn(2, 3, 168, 168)
     checked = ("blocks.0.attn.qkv.lora_B", "decoder_blocks.0.attn.qkv.lora_A", "patch_embed.proj.weight")
-    flash_calls = []
-    monkeypatch.setattr(models_mae, "flash_attention_bf16_forward",
-                        lambda *a, **kw: flash_calls.append(1) or flash_attention_bf16_forward(*a, **kw))
+    flash_calls = _spy_flash_attention(monkeypatch)
     results = []
     for autocast_on in (True, False):
         model.zero_grad()
