@@ -1,0 +1,714 @@
+"""MVTec-style categories (raw MVTec AD layout) built from real photographs, for development.
+
+The photographs are the sample images that ship inside the scikit-image wheel (its `skimage/data/`
+folder, the one `skimage.data.data_dir` names); they are read from the installed package with
+Pillow, without importing scikit-image, so nothing is ever downloaded. `brick` and `coins` are
+never used: they are kept aside for independent checks.
+
+Categories (see docs/PHOTO_DATA.md for pictures of what to expect):
+  grass   texture  a lawn seen from above (grass.png, grey, 512 px); each image is a random
+                   256 px crop, turned by a multiple of 90 degrees and maybe mirrored.
+  gravel  texture  fine gravel (gravel.png, grey, 512 px); random 256 px crops, turned/mirrored.
+  page    object   a photographed printed page (page.png, grey); the same 176 px square of text
+                   in every image.
+  coffee  object   an espresso cup on its saucer seen from above (coffee.png, colour); the same
+                   376 px square in every image.
+  logo    object   the scikit-image logo (logo.png, colour), printed on white.
+
+Normal variation: textures get a new crop position and one of the 8 turns/mirrors per image;
+objects keep their framing but move by up to 2 px and turn by up to 1 degree. Every image gets its
+own gain (about 3%), offset, white balance (colour photos) and sensor noise (read noise plus shot
+noise that grows with brightness).
+
+Defects (one per anomalous image, drawn on a fresh normal image of its own):
+  scratch   a thin curved line 1-3 px wide, lighter or darker than the surface
+  hole      a small dark pit with a raised, lit rim (a poke)
+  stain     a soft-edged discolouration: darker, lighter or tinted, some of them faint
+  particle  a small opaque bit of another material: a flake or a fibre, with its shadow
+  crack     thin dark branching lines that taper
+  missing   objects only: part of the subject erased (a word of the page, a piece of the cup
+            or of the logo, filled in from its surroundings) or printed shifted by a few px
+
+Masks are exact: each anomalous image is rendered twice from the same random state, with and
+without its defect, through the same camera (gain, offset, noise) in floating point; the mask is
+where the two differ by more than 2/255 in some channel, and outside it the anomalous image takes
+the defect-free values, so after quantisation the PNG differs from the defect-free render exactly
+on the mask. Each image has its own random stream derived from (seed, category, split, defect,
+index): the output is determined by the seed, and changing a count does not change other images.
+PNGs are written without metadata, so the same seed gives the same bytes.
+
+Example:
+  python scripts/make_photo_mvtec.py --dst data/photo --categories grass,page
+  python main_train.py --data_path data/photo/page ...
+"""
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
+
+MARKER = ".synthetic_mvtec.json"  # scripts/run_mvtec.py reads {"kind": ...} from it
+MASK_THRESHOLD = 2.0  # grey levels (of 255): a pixel is in the mask when the defect changed it more
+SHIFT = 2.0  # an object moves by up to this many px (at 224 px; in proportion at other sizes)
+MAX_ENLARGE = 1.5  # --size may enlarge a category's crop by at most this factor
+TEXTURE_DEFECTS = ("scratch", "hole", "stain", "particle", "crack")
+OBJECT_DEFECTS = TEXTURE_DEFECTS + ("missing",)
+KEPT_ASIDE = ("brick", "coins")
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Photo:
+    file: str  # inside skimage/data/
+    kind: str  # texture | object
+    side: int  # crop side in photo pixels
+    centre: Optional[Tuple[float, float]]  # (y, x) of an object's crop; textures: random
+    # where defects may sit, as an ellipse in output fractions (cy, cx, ry, rx)
+    region: Tuple[float, float, float, float] = (0.5, 0.5, 0.45, 0.45)
+    about: str = ""
+
+
+PHOTOS: Dict[str, Photo] = {
+    "grass": Photo("grass.png", "texture", 256, None, (0.5, 0.5, 0.44, 0.44),
+                   "a lawn seen from above, random crops turned and mirrored"),
+    "gravel": Photo("gravel.png", "texture", 256, None, (0.5, 0.5, 0.44, 0.44),
+                    "fine gravel seen from above, random crops turned and mirrored"),
+    "page": Photo("page.png", "object", 176, (95.5, 98.0), (0.5, 0.5, 0.44, 0.44),
+                  "a photographed printed page, the same square of text in every image"),
+    "coffee": Photo("coffee.png", "object", 376, (200.0, 280.0), (0.56, 0.5, 0.36, 0.42),
+                    "an espresso cup on its saucer seen from above"),
+    "logo": Photo("logo.png", "object", 470, (250.0, 250.0), (0.5, 0.5, 0.42, 0.42),
+                  "the scikit-image logo printed on white"),
+}
+
+
+def defects_of(name: str) -> Tuple[str, ...]:
+    return TEXTURE_DEFECTS if PHOTOS[name].kind == "texture" else OBJECT_DEFECTS
+
+
+# ----------------------------------------------------------------------------------- the photos
+def data_dir() -> Path:
+    """scikit-image's bundled data folder (skimage/data), found without importing the package."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("scikit-image is not installed; the photos come from its package: "
+                        "pip install scikit-image")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def skimage_version() -> str:
+    try:
+        return importlib.metadata.version("scikit-image")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def photo_path(name: str) -> Path:
+    path = data_dir() / PHOTOS[name].file
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the installed scikit-image ({skimage_version()}); "
+                        f"reinstall it (pip install --force-reinstall scikit-image) or leave "
+                        f"{name} out of --categories")
+    return path
+
+
+def check_categories(text: str) -> List[str]:
+    """--categories value -> category names, refusing unknown and kept-aside ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError("--categories is empty; pass all or a comma-separated list of "
+                        + ", ".join(PHOTOS))
+    if names == ["all"]:
+        return list(PHOTOS)
+    out: List[str] = []
+    for n in names:
+        if n in KEPT_ASIDE:
+            raise UserError(f"--categories {n}: the {n} photo is kept aside for independent checks "
+                            f"and is never used here; choose from {', '.join(PHOTOS)}")
+        if n not in PHOTOS:
+            raise UserError(f"--categories {n}: unknown category; available: "
+                            f"{', '.join(PHOTOS)} (or all)")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def check_size(name: str, size: int, shape: Optional[Tuple[int, int]] = None) -> None:
+    """Refuse a --size that would enlarge the crop too much, or a photo too small for its crop."""
+    ph = PHOTOS[name]
+    if size < 32:
+        raise UserError(f"--size {size} is too small; use at least 32")
+    if size > MAX_ENLARGE * ph.side:
+        raise UserError(f"--size {size} is too large for {name}: its photo gives a {ph.side} px crop "
+                        f"(at most {MAX_ENLARGE}x enlargement, --size <= {int(MAX_ENLARGE * ph.side)}); "
+                        f"choose a smaller --size or leave {name} out of --categories")
+    if shape is not None:
+        h, w = shape
+        if ph.centre is None:  # textures: room for crops at different places
+            fits = min(h, w) >= 1.5 * ph.side
+        else:
+            cy, cx = ph.centre
+            m = _margin(ph.side)
+            fits = (cy - ph.side / 2 - m >= 0 and cy + ph.side / 2 + m <= h
+                    and cx - ph.side / 2 - m >= 0 and cx + ph.side / 2 + m <= w)
+        if not fits:
+            raise UserError(f"the {ph.file} photo ({w}x{h} px) is too small for the {ph.side} px crop "
+                            f"of {name}; this scikit-image ({skimage_version()}) ships a different "
+                            f"file: install scikit-image 0.26 or leave {name} out of --categories")
+
+
+def _margin(side: int) -> float:
+    """Photo pixels an object's crop may move by: the shift, a 1 degree turn, 1 px to spare."""
+    return SHIFT * side / 224 + side * 0.7072 * np.sin(np.deg2rad(1.0)) + 1.0
+
+
+@lru_cache(maxsize=8)
+def _source(name: str, size: int) -> Array:
+    """The photo as float32 [H, W, C] in [0, 1] (C = 1 grey, 3 colour), low-passed for the scale."""
+    path = photo_path(name)
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "P"):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba).convert("RGB")
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("RGB")
+        a = np.asarray(im, dtype=np.float32) / 255.0
+    if a.ndim == 2:
+        a = a[..., None]
+    check_size(name, size, a.shape[:2])
+    scale = PHOTOS[name].side / size
+    if scale > 1.0:  # anti-aliasing before resampling
+        sigma = 0.5 * np.sqrt(scale * scale - 1.0)
+        a = ndimage.gaussian_filter(a, (sigma, sigma, 0))
+    return np.ascontiguousarray(a)
+
+
+def _warp(src: Array, size: int, scale: float, cy: float, cx: float, theta: float) -> Array:
+    """Sample an output square [S, S, C]: pixel (i, j) -> photo (cy, cx) + R(theta) (i, j) * scale."""
+    t = ((np.arange(size, dtype=np.float64) + 0.5) - size / 2) * scale
+    yy, xx = t[:, None], t[None, :]
+    c, s = np.cos(theta), np.sin(theta)
+    sy = cy + c * yy - s * xx - 0.5  # photo pixel centres sit at index + 0.5
+    sx = cx + s * yy + c * xx - 0.5
+    out = np.empty((size, size, src.shape[2]), np.float32)
+    for ch in range(src.shape[2]):
+        out[..., ch] = ndimage.map_coordinates(src[..., ch], [sy, sx], order=1, mode="reflect")
+    return out
+
+
+# ------------------------------------------------------------------------------------- the camera
+def _rng(seed: int, name: str, split: int, defect: int, index: int) -> np.random.Generator:
+    code = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(code, split, defect, index)))
+
+
+def _normal_scene(name: str, size: int, rng: np.random.Generator) -> Tuple[Array, dict]:
+    """A defect-free scene [S, S, C] in [0, 1] and the camera's parameters (drawn first)."""
+    ph = PHOTOS[name]
+    src = _source(name, size)
+    scale = ph.side / size
+    h, w = src.shape[:2]
+    if ph.centre is None:  # texture: a new piece of the photo, turned/mirrored
+        half = ph.side / 2 + 2.0
+        cy = float(rng.uniform(half, h - half))
+        cx = float(rng.uniform(half, w - half))
+        scene = _warp(src, size, scale, cy, cx, 0.0)
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        scene = np.rot90(scene, k, axes=(0, 1))
+        if flip:
+            scene = scene[:, ::-1]
+        scene = np.ascontiguousarray(scene)
+    else:  # object: the same framing, moved by up to 2 px and turned by up to 1 degree
+        dy, dx = rng.uniform(-SHIFT, SHIFT, 2) * ph.side / 224
+        theta = float(np.deg2rad(rng.uniform(-1.0, 1.0)))
+        scene = _warp(src, size, scale, ph.centre[0] + dy, ph.centre[1] + dx, theta)
+    c = scene.shape[2]
+    cam = {
+        "gain": float(rng.normal(1.0, 0.03)),
+        "offset": float(rng.normal(0.0, 0.01)),
+        "balance": (1.0 + rng.normal(0.0, 0.012, c)).astype(np.float32) if c == 3
+        else np.ones(1, np.float32),
+        "read": rng.normal(0.0, 1.2 / 255, scene.shape).astype(np.float32),
+        "shot": rng.normal(0.0, 1.0, scene.shape).astype(np.float32),
+    }
+    return scene, cam
+
+
+def _camera(scene: Array, cam: dict) -> Array:
+    """Scene -> recorded values in grey levels [0, 255] (float): gain, offset, noise, clipping."""
+    lit = scene * (cam["gain"] * cam["balance"]) + cam["offset"]
+    noisy = lit + cam["read"] + 0.008 * np.sqrt(np.clip(lit, 0.0, 1.0)) * cam["shot"]
+    return np.clip(noisy, 0.0, 1.0) * 255.0
+
+
+def _quantise(v: Array) -> Array:
+    return np.rint(v).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ the defects
+SS = 4  # supersampling of drawn shapes
+
+
+def _box_down(a: Array, ss: int) -> Array:
+    h, w = a.shape[0] // ss, a.shape[1] // ss
+    return a.reshape(h, ss, w, ss, *a.shape[2:]).mean(axis=(1, 3))
+
+
+def _lines_coverage(size: int, paths: List[Tuple[Array, float]]) -> Array:
+    """Anti-aliased coverage [S, S] of polylines [(points [k, 2] as (y, x), width px)]."""
+    img = Image.new("L", (size * SS, size * SS), 0)
+    draw = ImageDraw.Draw(img)
+    for pts, width in paths:
+        xy = [(float(x) * SS, float(y) * SS) for y, x in pts]
+        draw.line(xy, fill=255, width=max(1, int(round(width * SS))), joint="curve")
+    return _box_down(np.asarray(img, np.float32) / 255.0, SS)
+
+
+def _walk(rng: np.random.Generator, start: Array, angle: float, n: int, step: float,
+          turn: float) -> Array:
+    """A random walk with a slowly turning heading: [n + 1, 2] points (y, x)."""
+    pts = [np.asarray(start, np.float64)]
+    for _ in range(n):
+        angle += rng.normal(0.0, turn)
+        pts.append(pts[-1] + step * np.array([np.sin(angle), np.cos(angle)]))
+    return np.stack(pts)
+
+
+def _place(rng: np.random.Generator, size: int, region: Tuple[float, float, float, float],
+           weight: Optional[Array] = None) -> Array:
+    """A point (y, x) inside the category's defect region, optionally weighted by `weight`."""
+    cy, cx, ry, rx = region
+    g = (np.arange(size) + 0.5) / size
+    inside = ((g[:, None] - cy) / ry) ** 2 + ((g[None, :] - cx) / rx) ** 2 <= 1.0
+    p = inside.astype(np.float64)
+    if weight is not None:
+        p = p * weight
+    if p.sum() <= 0:
+        p = inside.astype(np.float64)
+    flat = p.ravel() / p.sum()
+    k = int(rng.choice(flat.size, p=flat))
+    return np.array([k // size + rng.uniform(), k % size + rng.uniform()])
+
+
+def _blob(size: int, centre: Array, radius: float, rng: np.random.Generator, rough: float,
+          aspect: float = 1.0) -> Tuple[Tuple[int, int, int, int], Array, Array]:
+    """An irregular round shape around `centre`: its window (y0, y1, x0, x1) in the image and,
+    at SS resolution over that window, the normalised radius rho (1 on the outline) and the
+    direction (unit vectors stacked [2, h, w]) from the centre."""
+    reach = radius * 2.2 / min(aspect, 1.0) + 3
+    y0, x0 = (max(0, int(np.floor(c - reach))) for c in centre)
+    y1, x1 = (min(size, int(np.ceil(c + reach))) for c in centre)
+    ys = y0 + (np.arange((y1 - y0) * SS) + 0.5) / SS - centre[0]
+    xs = x0 + (np.arange((x1 - x0) * SS) + 0.5) / SS - centre[1]
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    rot = rng.uniform(0, np.pi)
+    u = np.cos(rot) * xx + np.sin(rot) * yy
+    v = (-np.sin(rot) * xx + np.cos(rot) * yy) / aspect
+    ang = np.arctan2(v, u)
+    harm = np.ones_like(ang)
+    for k in (2, 3, 5):  # a few harmonics make the outline irregular
+        harm += rough * rng.normal(0, 1.0 / k) * np.cos(k * ang + rng.uniform(0, 2 * np.pi))
+    dist = np.sqrt(u * u + v * v)
+    rho = dist / (radius * np.clip(harm, 0.5, 1.6))
+    d = np.maximum(np.sqrt(xx * xx + yy * yy), 1e-6)
+    return (y0, y1, x0, x1), rho.astype(np.float32), np.stack([yy / d, xx / d]).astype(np.float32)
+
+
+def _paste(scene: Array, box: Tuple[int, int, int, int], new_ss: Array, alpha_ss: Array) -> Array:
+    """Blend a supersampled [h*SS, w*SS, C] layer with coverage alpha into the window `box`."""
+    y0, y1, x0, x1 = box
+    a = _box_down(alpha_ss, SS)[..., None]
+    prem = _box_down(new_ss * alpha_ss[..., None], SS)
+    out = scene.copy()
+    win = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = win * (1 - a) + prem
+    return out
+
+
+def _up(a: Array) -> Array:
+    """[h, w, C] -> [h*SS, w*SS, C] by repetition (values under a supersampled shape)."""
+    return np.repeat(np.repeat(a, SS, axis=0), SS, axis=1)
+
+
+def _scratch(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
+    s = scene.shape[0]
+    centre = _place(rng, s, region)
+    length = rng.uniform(0.10, 0.32) * s
+    ang = rng.uniform(0, np.pi)
+    d = np.array([np.sin(ang), np.cos(ang)])
+    nrm = np.array([-d[1], d[0]])
+    t = np.linspace(-0.5, 0.5, 24)[:, None]
+    bend = rng.normal(0, 0.12) * length
+    pts = centre + t * length * d + (1 - 4 * t ** 2) * bend * nrm
+    width = rng.uniform(1.0, 3.0) * f
+    cov = _lines_coverage(s, [(pts, width)])
+    # a scratch fades out towards its ends
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    t_along = ((yy - centre[0]) * d[0] + (xx - centre[1]) * d[1]) / length
+    fade = np.clip((0.5 - np.abs(t_along)) / rng.uniform(0.1, 0.3), 0, 1)
+    strength = rng.uniform(0.5, 0.9) * fade
+    if rng.random() < 0.5:  # abraded: lighter
+        target = scene + (1.0 - scene) * rng.uniform(0.35, 0.8)
+    else:  # a groove: darker
+        target = scene * rng.uniform(0.25, 0.6)
+    a = (cov * strength)[..., None]
+    return scene * (1 - a) + target * a
+
+
+def _hole(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
+    s = scene.shape[0]
+    centre = _place(rng, s, region)
+    radius = rng.uniform(2.2, 5.5) * f
+    box, rho, (dy, dx) = _blob(s, centre, radius, rng, 0.25, rng.uniform(0.7, 1.0))
+    y0, y1, x0, x1 = box
+    base = _up(scene[y0:y1, x0:x1])
+    light = np.float32(rng.uniform(0, 2 * np.pi))
+    facing = np.cos(light) * dx + np.sin(light) * dy  # -1..1: rim side facing the light
+    inside = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)  # anti-aliased disc
+    depth = rng.uniform(0.08, 0.25)
+    # the pit: dark, its far wall lit a little
+    pit = base * depth + 0.06 * np.clip(-facing, 0, 1)[..., None] * inside[..., None]
+    rim = np.exp(-((rho - 1.25) / 0.22) ** 2) * (1 - inside)  # the pushed-up lip
+    lip = base * (1.0 + 0.45 * rim[..., None] * facing[..., None])
+    new = pit * inside[..., None] + lip * (1 - inside[..., None])
+    alpha = np.clip(inside + rim * 1.0, 0, 1)
+    return _paste(scene, box, new, alpha)
+
+
+def _stain(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
+    s, c = scene.shape[0], scene.shape[2]
+    centre = _place(rng, s, region)
+    radius = rng.uniform(4.0, 12.0) * f
+    box, rho, _ = _blob(s, centre, radius, rng, 0.35, rng.uniform(0.6, 1.0))
+    y0, y1, x0, x1 = box
+    base = _up(scene[y0:y1, x0:x1])
+    edge = rng.uniform(0.08, 0.3)
+    g = 1.0 / (1.0 + np.exp((rho - 1.0) / edge))  # soft edge
+    if rng.random() < 0.5:  # a dried drop: darker at its rim ("coffee ring")
+        g = g * (0.6 + 0.5 * np.exp(-((rho - 0.9) / 0.15) ** 2))
+    k = rng.uniform(0.10, 0.45)
+    if c == 3:
+        tint = np.array([[0.62, 0.45, 0.28], [0.35, 0.42, 0.70], [0.55, 0.60, 0.40],
+                         [0.70, 0.70, 0.70]], np.float32)[rng.integers(4)]
+        new = base * (1 - k * (1 - tint))
+    elif rng.random() < 0.7:  # darker
+        new = base * (1 - k)
+    else:  # bleached
+        new = base + (1 - base) * k
+    return _paste(scene, box, new, g.astype(np.float32))
+
+
+def _particle(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
+    s, c = scene.shape[0], scene.shape[2]
+    if c == 3:
+        colour = np.array([[0.95, 0.94, 0.90], [0.08, 0.08, 0.09], [0.15, 0.30, 0.75],
+                           [0.20, 0.55, 0.25], [0.75, 0.72, 0.65]], np.float32)[rng.integers(5)]
+    else:
+        colour = np.array([rng.choice([rng.uniform(0.02, 0.18), rng.uniform(0.85, 1.0)])], np.float32)
+    centre = _place(rng, s, region)
+    if rng.random() < 0.35:  # a fibre: thin, curved
+        pts = _walk(rng, centre, rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)), 2.2 * f, 0.5)
+        width = rng.uniform(0.9, 1.6) * f
+        shadow = _lines_coverage(s, [(pts + 0.8 * f, width * 1.3)])
+        cov = _lines_coverage(s, [(pts, width)])
+        out = scene * (1 - 0.35 * shadow[..., None])
+        return out * (1 - cov[..., None]) + colour * cov[..., None]
+    radius = rng.uniform(1.6, 4.0) * f
+    box, rho, (dy, dx) = _blob(s, centre, radius, rng, 0.6, rng.uniform(0.5, 1.0))
+    y0, y1, x0, x1 = box
+    base = _up(scene[y0:y1, x0:x1])
+    inside = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)
+    # the shadow it casts: the same shape moved down-right, soft
+    sh_rho = np.roll(rho, (int(round(0.9 * f * SS)), int(round(0.9 * f * SS))), axis=(0, 1))
+    shadow = np.clip((1.3 - sh_rho) * 2.0, 0, 1) * 0.45
+    shade = 1.0 + 0.25 * (-(dy + dx) * 0.7) * np.clip(rho, 0, 1)  # lit from the top left
+    body = np.clip(colour * shade[..., None], 0, 1)
+    under = base * (1 - shadow[..., None])
+    new = body * inside[..., None] + under * (1 - inside[..., None])
+    alpha = np.clip(np.maximum(inside, shadow > 0.01), 0, 1).astype(np.float32)
+    return _paste(scene, box, new, alpha)
+
+
+def _crack(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
+    s = scene.shape[0]
+    centre = _place(rng, s, region)
+    n = int(rng.integers(8, 16))
+    main = _walk(rng, centre, rng.uniform(0, 2 * np.pi), n, 2.6 * f, 0.45)
+    width = rng.uniform(1.0, 2.0) * f
+    paths = []
+    for i in range(n):  # tapering towards the tip
+        paths.append((main[i:i + 2], max(0.6 * f, width * (1 - 0.6 * i / n))))
+    for _ in range(int(rng.integers(1, 3))):  # branches
+        k = int(rng.integers(1, n))
+        br = _walk(rng, main[k], rng.uniform(0, 2 * np.pi), int(rng.integers(3, 7)), 2.4 * f, 0.5)
+        for i in range(len(br) - 1):
+            paths.append((br[i:i + 2], max(0.5 * f, width * 0.7 * (1 - 0.5 * i / len(br)))))
+    cov = _lines_coverage(s, paths)
+    a = (cov * rng.uniform(0.6, 0.9))[..., None]
+    return scene * (1 - a) + scene * 0.15 * a
+
+
+def _words(scene: Array, f: float) -> Tuple[Array, int]:
+    """Printed words of a page: (labels [S, S], count); ink is darker than the local paper."""
+    lum = scene.mean(axis=2)
+    k = max(3, int(round(7 * f)) | 1)
+    paper = ndimage.gaussian_filter(ndimage.grey_closing(lum, size=(k, k)), 1.0)
+    ink = (paper - lum) > 0.12
+    joined = ndimage.binary_closing(ink, structure=np.ones((max(1, int(round(f))) + 1,
+                                                            max(3, int(round(4 * f))))))
+    return ndimage.label(joined)
+
+
+def _missing(scene: Array, rng: np.random.Generator, region, f: float, name: str) -> Array:
+    s = scene.shape[0]
+    lum = scene.mean(axis=2)
+    if name == "page":  # a word that was not printed: the page shows plain paper there
+        labels, n = _words(scene, f)
+        if n:
+            objs = ndimage.find_objects(labels)
+            cy, cx, ry, rx = region
+            ok = []
+            for i, sl in enumerate(objs):
+                h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+                my, mx = (sl[0].start + h / 2) / s, (sl[1].start + w / 2) / s
+                if 3 * f <= h <= 16 * f and 6 * f <= w <= 60 * f and \
+                        ((my - cy) / ry) ** 2 + ((mx - cx) / rx) ** 2 <= 1:
+                    ok.append(i)
+            if ok:
+                sl = objs[ok[int(rng.integers(len(ok)))]]
+                pad = max(1, int(round(f)))
+                y0, y1 = max(0, sl[0].start - pad), min(s, sl[0].stop + pad)
+                x0, x1 = max(0, sl[1].start - pad), min(s, sl[1].stop + pad)
+                k = max(3, int(round(7 * f)) | 1)
+                paper = np.stack([ndimage.gaussian_filter(ndimage.grey_closing(scene[..., ch], size=(k, k)), 1.0)
+                                  for ch in range(scene.shape[2])], axis=2)
+                # only the ink goes: pixels darker than the paper around them are lifted to it,
+                # the paper's own grain stays
+                out = scene.copy()
+                out[y0:y1, x0:x1] = np.maximum(scene[y0:y1, x0:x1], paper[y0:y1, x0:x1] - 0.03)
+                return out
+    # a part of the subject gone (filled in from around it) or printed shifted
+    grad = ndimage.gaussian_gradient_magnitude(lum, 1.0)
+    centre = _place(rng, s, region, weight=grad ** 2)
+    radius = rng.uniform(4.0, 9.0) * f
+    box, rho, _ = _blob(s, centre, radius, rng, 0.3, rng.uniform(0.6, 1.0))
+    y0, y1, x0, x1 = box
+    alpha = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)
+    if rng.random() < 0.6:
+        hole = _box_down(alpha, SS) > 0.01
+        w = np.ones((s, s), np.float32)
+        w[y0:y1, x0:x1] = 1.0 - hole
+        sigma = radius * 0.8
+        num = ndimage.gaussian_filter(scene * w[..., None], (sigma, sigma, 0))
+        den = ndimage.gaussian_filter(w, sigma)[..., None]
+        fill = num / np.maximum(den, 1e-4)
+    else:
+        ang = rng.uniform(0, 2 * np.pi)
+        shift = rng.uniform(2.5, 5.0) * f * np.array([np.sin(ang), np.cos(ang)])
+        fill = ndimage.shift(scene, (shift[0], shift[1], 0), order=1, mode="nearest")
+    return _paste(scene, box, _up(fill[y0:y1, x0:x1]), alpha)
+
+
+def _apply(defect: str, name: str, scene: Array, rng: np.random.Generator) -> Array:
+    region = PHOTOS[name].region
+    f = scene.shape[0] / 224.0  # defect sizes are given for 224 px images
+    if defect == "scratch":
+        return _scratch(scene, rng, region, f)
+    if defect == "hole":
+        return _hole(scene, rng, region, f)
+    if defect == "stain":
+        return _stain(scene, rng, region, f)
+    if defect == "particle":
+        return _particle(scene, rng, region, f)
+    if defect == "crack":
+        return _crack(scene, rng, region, f)
+    if defect == "missing":
+        return _missing(scene, rng, region, f, name)
+    raise ValueError(f"unknown defect {defect}")
+
+
+# ------------------------------------------------------------------------------------- rendering
+def render_from(name: str, size: int, rng: np.random.Generator, defect: Optional[str]
+                ) -> Tuple[Array, Optional[Array]]:
+    """One image from a random stream: (uint8 [S, S] grey or [S, S, 3], bool mask [S, S] or None).
+
+    The normal image's randomness is drawn before the defect's, so the same stream with
+    defect=None gives the defect-free image the defect was drawn on."""
+    scene, cam = _normal_scene(name, size, rng)
+    clean = _camera(scene, cam)
+    if defect is None:
+        return _squeeze(_quantise(clean)), None
+    min_px = max(4, int(0.0006 * size * size))
+    for _ in range(20):  # a defect that barely shows (flat spot, tiny size) is drawn again
+        bad = _camera(_apply(defect, name, scene, rng), cam)
+        mask = np.abs(bad - clean).max(axis=2) > MASK_THRESHOLD
+        if min_px <= mask.sum() <= 0.06 * mask.size:
+            out = np.where(mask[..., None], bad, clean)  # unchanged outside the mask, to the bit
+            return _squeeze(_quantise(out)), mask
+    raise RuntimeError(f"could not draw a visible {defect} on {name} at size {size}")
+
+
+def _squeeze(a: Array) -> Array:
+    return a[..., 0] if a.shape[2] == 1 else a
+
+
+def render_image(name: str, size: int, seed: int, split: int, defect: Optional[str], index: int
+                 ) -> Tuple[Array, Optional[Array]]:
+    """Image `index` of a split (0 train, 1 test) and defect (None: good) for a seed."""
+    code = 0 if defect is None else 1 + defects_of(name).index(defect)
+    return render_from(name, size, _rng(seed, name, split, code, index), defect)
+
+
+def _save_png(arr: Array, path: Path) -> None:
+    Image.fromarray(arr).save(path, format="PNG", compress_level=6)  # no metadata: same bytes
+
+
+def check_counts(n_train: int, n_test_good: int, n_per_defect: int) -> None:
+    for flag, count in (("--n_train", n_train), ("--n_test_good", n_test_good),
+                        ("--n_per_defect", n_per_defect)):
+        if count < 1:
+            raise UserError(f"{flag} {count}: image counts must be 1 or more")
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} exists and is not a folder; choose another --dst")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise UserError(f"{dst} is not empty; choose another --dst or pass --overwrite to replace "
+                        f"its train/, test/ and ground_truth/")
+
+
+def make_category(dst: Path, name: str, seed: int = 0, size: int = 224, n_train: int = 200,
+                  n_test_good: int = 40, n_per_defect: int = 10, overwrite: bool = False,
+                  progress: bool = False) -> Dict[str, int]:
+    """Write one photo category to `dst` (the category folder) in the raw MVTec layout; returns
+    {folder: count}. A non-empty `dst` is refused unless `overwrite`."""
+    if name not in PHOTOS:
+        check_categories(name)  # raises the one-line reason
+    check_counts(n_train, n_test_good, n_per_defect)
+    check_size(name, size)
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    _source(name, size)  # the photo is there and large enough, before anything is written
+    for part in ("train", "test", "ground_truth"):
+        if (dst / part).is_dir():
+            shutil.rmtree(dst / part)
+    if (dst / MARKER).is_file():
+        (dst / MARKER).unlink()
+    defects = defects_of(name)
+    jobs: List[Tuple[str, int, Optional[str], int]] = []  # (folder, split, defect, index)
+    jobs += [("train/good", 0, None, i) for i in range(n_train)]
+    jobs += [("test/good", 1, None, i) for i in range(n_test_good)]
+    for defect in defects:
+        jobs += [(f"test/{defect}", 1, defect, i) for i in range(n_per_defect)]
+    counts: Dict[str, int] = {"train/good": n_train, "test/good": n_test_good}
+    for defect in defects:
+        counts[f"test/{defect}"] = n_per_defect
+        counts[f"ground_truth/{defect}"] = n_per_defect
+    for folder in counts:
+        (dst / folder).mkdir(parents=True, exist_ok=True)
+    it = jobs
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(jobs, desc=name, leave=False)
+    for folder, split, defect, i in it:
+        img, mask = render_image(name, size, seed, split, defect, i)
+        _save_png(img, dst / folder / f"{i:03d}.png")
+        if mask is not None:
+            _save_png(mask.astype(np.uint8) * 255, dst / "ground_truth" / defect / f"{i:03d}_mask.png")
+    ph = PHOTOS[name]
+    (dst / MARKER).write_text(json.dumps({
+        "kind": ph.kind, "source": ph.file, "package": f"scikit-image {skimage_version()}",
+        "generator": "scripts/make_photo_mvtec.py", "seed": seed, "size": size,
+        "crop": ph.side, "n_train": n_train, "n_test_good": n_test_good,
+        "n_per_defect": n_per_defect, "defects": list(defects)}, indent=1) + "\n")
+    return counts
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    cats = "; ".join(f"{n} ({p.kind}, {p.file}: {p.about})" for n, p in PHOTOS.items())
+    p = OneLineArgumentParser(
+        description="Build MVTec-style categories from real photographs that ship inside the "
+                    "scikit-image package (nothing is downloaded), in the raw MVTec AD layout: "
+                    "DST/<category>/train/good/000.png, .../test/good/000.png, "
+                    ".../test/<defect>/000.png, .../ground_truth/<defect>/000_mask.png (0/255 "
+                    "masks of exactly the pixels each defect changed by more than 2/255) and the "
+                    f"marker {MARKER} ({{\"kind\": texture|object, \"source\": photo, \"seed\": "
+                    f"...}}, read by scripts/run_mvtec.py). Categories: {cats}. Normal variation: "
+                    "textures are random crops turned/mirrored, objects move by up to 2 px and "
+                    "turn by up to 1 degree; every image has its own gain, offset and sensor "
+                    "noise. Defects: " + ", ".join(TEXTURE_DEFECTS) + " (all categories) and "
+                    "missing (objects: an erased or shifted part). brick and coins are kept "
+                    "aside for independent checks and refused. Same --seed, same bytes. A few "
+                    "seconds per category at the defaults.",
+        epilog="Example: python scripts/make_photo_mvtec.py --dst data/photo --categories "
+               "grass,page && python main_train.py --data_path data/photo/page ...",
+    )
+    p.add_argument("--dst", type=Path, required=True,
+                   help="output root, like the MVTec AD root: each category is written to "
+                        "DST/<category> (pass that folder as --data_path)")
+    p.add_argument("--categories", default="all",
+                   help="comma-separated categories, or all: " + ", ".join(PHOTOS)
+                        + " (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; same seed, same files (default: %(default)s)")
+    p.add_argument("--size", type=int, default=224,
+                   help="image side in pixels, square images; at most 1.5x a category's crop "
+                        "(page: 264) (default: %(default)s)")
+    p.add_argument("--n_train", type=int, default=200,
+                   help="normal training images per category (default: %(default)s)")
+    p.add_argument("--n_test_good", type=int, default=40,
+                   help="normal test images per category (default: %(default)s)")
+    p.add_argument("--n_per_defect", type=int, default=10,
+                   help="anomalous test images per defect type (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the train/, test/ and ground_truth/ of a non-empty "
+                        "DST/<category> (refused otherwise)")
+    p.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    names = check_categories(args.categories)
+    check_counts(args.n_train, args.n_test_good, args.n_per_defect)
+    for name in names:  # every refusal before the first file is written
+        check_size(name, args.size)
+        check_destination(args.dst / name, args.overwrite)
+        _source(name, args.size)
+    t_all = time.time()
+    for name in names:
+        t0 = time.time()
+        counts = make_category(args.dst / name, name, seed=args.seed, size=args.size,
+                               n_train=args.n_train, n_test_good=args.n_test_good,
+                               n_per_defect=args.n_per_defect, overwrite=args.overwrite,
+                               progress=True)
+        images = sum(v for k, v in counts.items() if not k.startswith("ground_truth"))
+        defects = ", ".join(defects_of(name))
+        print(f"{name:7s} {PHOTOS[name].kind:7s} {images} images ({args.n_train} train, "
+              f"{args.n_test_good} good, {args.n_per_defect} each of {defects}) in "
+              f"{time.time() - t0:.1f} s -> {args.dst / name}", flush=True)
+    print(f"wrote {len(names)} categories ({args.size}px, seed {args.seed}) in "
+          f"{time.time() - t_all:.1f} s")
+
+
+if __name__ == "__main__":
+    _args = get_args_parser().parse_args()
+    sys.exit(run_cli(main, _args, _args.debug))
