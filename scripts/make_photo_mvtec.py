@@ -313,7 +313,7 @@ def _blob(size: int, centre: Array, radius: float, rng: np.random.Generator, rou
     """An irregular round shape around `centre`: its window (y0, y1, x0, x1) in the image and,
     at SS resolution over that window, the normalised radius rho (1 on the outline) and the
     direction (unit vectors stacked [2, h, w]) from the centre."""
-    reach = radius * 2.2 / min(aspect, 1.0) + 3
+    reach = radius * 4.5 + 3  # the outline reaches 1.6 radius, a soft edge fades out by 2.8
     y0, x0 = (max(0, int(np.floor(c - reach))) for c in centre)
     y1, x1 = (min(size, int(np.ceil(c + reach))) for c in centre)
     ys = y0 + (np.arange((y1 - y0) * SS) + 0.5) / SS - centre[0]
@@ -401,7 +401,7 @@ def _stain(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
     y0, y1, x0, x1 = box
     base = _up(scene[y0:y1, x0:x1])
     edge = rng.uniform(0.08, 0.3)
-    g = 1.0 / (1.0 + np.exp((rho - 1.0) / edge))  # soft edge
+    g = 1.0 / (1.0 + np.exp(np.minimum((rho - 1.0) / edge, 50.0)))  # soft edge
     if rng.random() < 0.5:  # a dried drop: darker at its rim ("coffee ring")
         g = g * (0.6 + 0.5 * np.exp(-((rho - 0.9) / 0.15) ** 2))
     k = rng.uniform(0.10, 0.45)
@@ -426,12 +426,12 @@ def _particle(scene: Array, rng: np.random.Generator, region, f: float) -> Array
     centre = _place(rng, s, region)
     if rng.random() < 0.35:  # a fibre: thin, curved
         pts = _walk(rng, centre, rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)), 2.2 * f, 0.5)
-        width = rng.uniform(0.9, 1.6) * f
+        width = rng.uniform(1.0, 1.8) * f
         shadow = _lines_coverage(s, [(pts + 0.8 * f, width * 1.3)])
         cov = _lines_coverage(s, [(pts, width)])
         out = scene * (1 - 0.35 * shadow[..., None])
         return out * (1 - cov[..., None]) + colour * cov[..., None]
-    radius = rng.uniform(1.6, 4.0) * f
+    radius = rng.uniform(2.5, 5.5) * f
     box, rho, (dy, dx) = _blob(s, centre, radius, rng, 0.6, rng.uniform(0.5, 1.0))
     y0, y1, x0, x1 = box
     base = _up(scene[y0:y1, x0:x1])
@@ -450,7 +450,7 @@ def _particle(scene: Array, rng: np.random.Generator, region, f: float) -> Array
 def _crack(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
     s = scene.shape[0]
     centre = _place(rng, s, region)
-    n = int(rng.integers(8, 16))
+    n = int(rng.integers(10, 18))
     main = _walk(rng, centre, rng.uniform(0, 2 * np.pi), n, 2.6 * f, 0.45)
     width = rng.uniform(1.0, 2.0) * f
     paths = []
@@ -498,17 +498,17 @@ def _missing(scene: Array, rng: np.random.Generator, region, f: float, name: str
                 y0, y1 = max(0, sl[0].start - pad), min(s, sl[0].stop + pad)
                 x0, x1 = max(0, sl[1].start - pad), min(s, sl[1].stop + pad)
                 k = max(3, int(round(7 * f)) | 1)
-                paper = np.stack([ndimage.gaussian_filter(ndimage.grey_closing(scene[..., ch], size=(k, k)), 1.0)
-                                  for ch in range(scene.shape[2])], axis=2)
-                # only the ink goes: pixels darker than the paper around them are lifted to it,
-                # the paper's own grain stays
+                paper = np.stack([ndimage.gaussian_filter(
+                    ndimage.grey_closing(scene[..., ch], size=(k, k)), 1.0)
+                    for ch in range(scene.shape[2])], axis=2)
+                # the ink goes: pixels darker than the paper around them are lifted to it
                 out = scene.copy()
                 out[y0:y1, x0:x1] = np.maximum(scene[y0:y1, x0:x1], paper[y0:y1, x0:x1] - 0.03)
                 return out
     # a part of the subject gone (filled in from around it) or printed shifted
     grad = ndimage.gaussian_gradient_magnitude(lum, 1.0)
     centre = _place(rng, s, region, weight=grad ** 2)
-    radius = rng.uniform(4.0, 9.0) * f
+    radius = rng.uniform(5.0, 10.0) * f
     box, rho, _ = _blob(s, centre, radius, rng, 0.3, rng.uniform(0.6, 1.0))
     y0, y1, x0, x1 = box
     alpha = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)
