@@ -165,6 +165,9 @@ def test_non_empty_destination_needs_overwrite(tmp_path):
     r = _cli("--dst", str(tmp_path), "--categories", "grass", "--size", "40", "--n_train", "1",
              "--n_test_good", "1", "--n_per_defect", "1")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "file").write_text("x")
+    args = get_args_parser().parse_args(["--dst", str(tmp_path / "file")])
+    assert run_cli(main, args) == 2
     make_category(dst, "grass", overwrite=True, **SMALL)
     assert (dst / MARKER).is_file() and (dst / "x.txt").is_file()
     assert len(list((dst / "train/good").glob("*.png"))) == 2
