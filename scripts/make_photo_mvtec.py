@@ -513,13 +513,15 @@ def _missing(scene: Array, rng: np.random.Generator, region, f: float, name: str
     y0, y1, x0, x1 = box
     alpha = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)
     if rng.random() < 0.6:
-        hole = _box_down(alpha, SS) > 0.01
-        w = np.ones((s, s), np.float32)
-        w[y0:y1, x0:x1] = 1.0 - hole
-        sigma = radius * 0.8
-        num = ndimage.gaussian_filter(scene * w[..., None], (sigma, sigma, 0))
-        den = ndimage.gaussian_filter(w, sigma)[..., None]
-        fill = num / np.maximum(den, 1e-4)
+        # inpainted: each pixel of the gap takes the nearest colour around it, softened, so
+        # the surrounding areas close over the gap and its detail is gone
+        gap = np.zeros((s, s), bool)
+        gap[y0:y1, x0:x1] = _box_down(alpha, SS) > 0.01
+        gap = ndimage.binary_dilation(gap)
+        _, (iy, ix) = ndimage.distance_transform_edt(gap, return_indices=True)
+        near = scene[iy, ix]
+        sigma = max(1.0, radius * 0.2)
+        fill = ndimage.gaussian_filter(near, (sigma, sigma, 0))
     else:
         ang = rng.uniform(0, 2 * np.pi)
         shift = rng.uniform(2.5, 5.0) * f * np.array([np.sin(ang), np.cos(ang)])
