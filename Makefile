@@ -50,6 +50,8 @@ ifeq ($(DATA),)
 	$(BIN)/python scripts/make_synthetic_mvtec.py --dst $(OUT)/data --kind capsule --seed 0
 	$(BIN)/python scripts/prepare_mvtec.py --src $(OUT)/data/capsule_synth --dst $(DEMO_DATA) --overwrite
 endif
+	@test -d "$(DEMO_DATA)/test" || { echo "error: $(DEMO_DATA) has no test/ folder, so the demo cannot evaluate \
+	it; train with main_train.py and score your images with main_infer.py --images (README)" >&2; exit 2; }
 	$(BIN)/python main_train.py --data_path $(DEMO_DATA) --output_dir $(OUT)/train --model $(MODEL) \
 	    --input_size $(INPUT_SIZE) --epochs $(EPOCHS) --batch_size $(BATCH_SIZE) --lr $(LR) \
 	    --warmup_epochs $(WARMUP) --train_mask_ratio $(MASK_RATIO) --save_every 0 --num_workers 0 \

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from engine import ScoreCollector, run_inference
 from lora_utils import cast_frozen_weights, import_adapter, is_lora_name, merge_lora
 from models_mae import MODELS, AnomalyScorer, MaskedAutoencoderViT, create_model
-from scoring import ScoringOptions, build_scorer as build_calibrated_scorer, calibration_matches, holdout_error_maps, \
-    options_from
+from scoring import ScoringOptions, build_scorer as build_calibrated_scorer, calibration_matches, \
+    checkpoint_defaults, holdout_error_maps, options_from
 from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_scores, predicted_labels
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
@@ -70,37 +70,40 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder for the outputs (created; existing files other than ours are left alone)")
     parser.add_argument("--split", default="test",
                         help="sub-folder of --data_path to score (default: test)")
-    g = parser.add_argument_group("scoring (defaults chosen by measurement: README, Scoring)")
-    g.add_argument("--num_masks", type=int, default=ScoringOptions.num_masks,
+    g = parser.add_argument_group(
+        "scoring (default: the recipe stored in the checkpoint, chosen for its category from held-out normal "
+        "images; docs/QUALITY.md); a flag given here overrides that one setting")
+    d = ScoringOptions()
+    g.add_argument("--num_masks", type=int,
                    help="number of deterministic views; each hides 1/num_masks of the patches and "
-                        "together they hide every patch once (default: %(default)s)")
-    g.add_argument("--mask_pattern", default=ScoringOptions.mask_pattern, choices=MASK_PATTERNS,
-                   help="how the views split the patch grid: stripes (columns, the original choice), "
-                        "grid (needs a square num_masks), checkerboard (num_masks 2) (default: %(default)s)")
-    g.add_argument("--sigma", type=float, default=ScoringOptions.sigma,
-                   help="std of the Gaussian that smooths the pixel-level map, in pixels; 0 = none (default: %(default)s)")
-    g.add_argument("--image_sigma", type=float, default=ScoringOptions.image_sigma,
-                   help="std of the Gaussian that smooths the image-level map (a defect's peak stays sharper "
-                        "against the normal variation with less smoothing) (default: %(default)s)")
-    g.add_argument("--pixel_map", default=None, choices=MAP_CHOICES, metavar="RECIPE",
+                        f"together they hide every patch once (global default: {d.num_masks})")
+    g.add_argument("--mask_pattern", choices=MASK_PATTERNS,
+                   help="how the views split the patch grid: grid (needs a square num_masks; every hidden patch "
+                        "keeps its 8 neighbours visible), stripes (columns, the original project's choice), "
+                        f"checkerboard (num_masks 2) (global default: {d.mask_pattern})")
+    g.add_argument("--sigma", type=float,
+                   help=f"std of the Gaussian that smooths the pixel-level map, in pixels; 0 = none (global default: "
+                        f"{d.sigma:g})")
+    g.add_argument("--image_sigma", type=float,
+                   help=f"std of the Gaussian that smooths the image-level map (global default: {d.image_sigma:g})")
+    g.add_argument("--pixel_map", choices=MAP_CHOICES, metavar="RECIPE",
                    help="the anomaly map (localisation, anomaly_maps/*.npy, pixel metrics): ERROR[-NORM], ERROR "
                         "mse | msgms | fusion (both, each scaled by its held-out quantile), NORM raw (omitted) | z "
                         "| absz (per-pixel standardised against held-out normal maps, |z|: both directions); "
-                        f"choices: {', '.join(MAP_CHOICES)} (default: {ScoringOptions.pixel_map})")
-    g.add_argument("--image_map", default=None, choices=MAP_CHOICES, metavar="RECIPE",
-                   help=f"the map the image score is taken from, same recipes (default: {ScoringOptions.image_map}; "
-                        f"mse for checkpoints without held-out images)")
-    g.add_argument("--score", default=ScoringOptions.score, choices=SCORE_METHODS,
+                        f"choices: {', '.join(MAP_CHOICES)} (global default: {d.pixel_map})")
+    g.add_argument("--image_map", choices=MAP_CHOICES, metavar="RECIPE",
+                   help=f"the map the image score is taken from, same recipes (global default: {d.image_map})")
+    g.add_argument("--score", choices=SCORE_METHODS,
                    help="image score: max of the image map, or topk = mean of its top --topk_fraction pixels "
-                        "(default: %(default)s)")
-    g.add_argument("--topk_fraction", type=float, default=ScoringOptions.topk_fraction,
-                   help="fraction of pixels averaged by --score topk, in (0, 1] (default: %(default)s)")
-    g.add_argument("--image_quantile", type=float, default=ScoringOptions.image_quantile,
+                        f"(global default: {d.score})")
+    g.add_argument("--topk_fraction", type=float,
+                   help=f"fraction of pixels averaged by --score topk, in (0, 1] (global default: {d.topk_fraction:g})")
+    g.add_argument("--image_quantile", type=float,
                    help="image threshold = this quantile of the held-out normal images' scores (leave-one-out); "
-                        "pred_label is 1 at or above it (default: %(default)s)")
-    g.add_argument("--pixel_quantile", type=float, default=ScoringOptions.pixel_quantile,
+                        f"pred_label is 1 at or above it (default: {d.image_quantile:g})")
+    g.add_argument("--pixel_quantile", type=float,
                    help="pixel threshold (--save_masks) = this quantile of the held-out normal pixel-map values "
-                        "(default: %(default)s)")
+                        f"(default: {d.pixel_quantile:g})")
     g.add_argument("--holdout_root", metavar="ROOT",
                    help="category root holding the checkpoint's held-out images (train/good/<name>), used when the "
                         "checkpoint's stored calibration does not fit the scoring options (default: --data_path, "
@@ -252,17 +255,22 @@ def holdout_maps_for(model: MaskedAutoencoderViT, train_args: dict[str, Any], ca
 
 def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout_root: Optional[str] = None,
                  device: torch.device = torch.device("cpu"), amp_dtype: Optional[torch.dtype] = None,
-                 **scoring_options: Any) -> tuple[AnomalyScorer, Optional[Threshold], dict[str, Any]]:
+                 **scoring_options: Any) -> tuple[AnomalyScorer, Optional[Threshold], dict[str, Any], dict[str, Any]]:
     """The checkpoint's model inside a scorer for the scoring options (ScoringOptions' names; None or
-    absent = default), calibrated on its held-out normal images, and the decision Threshold.
+    absent = the checkpoint's own: scoring.checkpoint_defaults), calibrated on its held-out normal
+    images, and the decision Threshold.
 
-    Returns (scorer in eval mode on `device`, Threshold or None, the checkpoint's training options).
+    Returns (scorer in eval mode on `device`, Threshold or None, the checkpoint's training options, the
+    scoring record: the options used, where they came from, the stored choice and its evidence).
     Checkpoints without held-out images score uncalibrated (raw mse maps, no threshold) unless a
-    calibrated recipe was asked for explicitly, which is a UserError. Prints where calibration came from.
+    calibrated recipe was asked for explicitly, which is a UserError. Prints where calibration and
+    the recipe came from.
     """
     model, train_args, calibration = build_model(checkpoint_path, pretrained)
     model.to(device)
-    options = options_from(scoring_options)
+    defaults, recipe_source = checkpoint_defaults(calibration, train_args)
+    options = options_from(scoring_options, defaults)
+    overridden = sorted(k for k, v in scoring_options.items() if v is not None and v != getattr(defaults, k))
     maps, source = holdout_maps_for(model, train_args, calibration, options, holdout_root, device, amp_dtype)
     if maps is None and options.needs_calibration:
         explicit = [f"--{k} {scoring_options[k]}" for k in ("pixel_map", "image_map") if scoring_options.get(k)]
@@ -281,7 +289,13 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
                         f"{model.grid_size}x{model.grid_size} patch grid): {e}") from e
     if threshold is not None:
         threshold.source = "holdout"
-    return scorer.to(device).eval(), threshold, train_args
+    choice = (calibration or {}).get("choice")
+    print(f"scoring: image map {options.image_map} ({options.score}, sigma {options.image_sigma:g}), pixel map "
+          f"{options.pixel_map} (sigma {options.sigma:g}), {options.num_masks} {options.mask_pattern} masks: "
+          f"{recipe_source}" + (f"; overridden by flags: {', '.join(overridden)}" if overridden else ""), flush=True)
+    record = {"options": options.to_dict(), "source": recipe_source, "overridden_by_flags": overridden,
+              "choice": choice}
+    return scorer.to(device).eval(), threshold, train_args, record
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -576,8 +590,8 @@ def main(args: argparse.Namespace) -> int:
     items = build_items(args.data_path, args.images, args.split, args.output_dir)
     tiff_dir = tiff_category_dir(args.save_tiff, args.data_path, args.output_dir)
     tiff_files = tiff_paths(items, tiff_dir) if tiff_dir is not None else None
-    scorer, threshold, train_args = load_scoring(args.checkpoint, args.pretrained, args.holdout_root or args.data_path,
-                                                 device, amp_dtype, **scoring_flags(args))
+    scorer, threshold, train_args, scoring_record = load_scoring(
+        args.checkpoint, args.pretrained, args.holdout_root or args.data_path, device, amp_dtype, **scoring_flags(args))
     if args.save_masks and threshold is None:
         raise UserError("--save_masks needs a pixel threshold, which comes from held-out normal images; this "
                         "checkpoint has none (retrain with --holdout)")
@@ -588,8 +602,9 @@ def main(args: argparse.Namespace) -> int:
     loader = build_loader(dataset, args.batch_size, args.num_workers, device)
     out = prepare_output_dir(args.output_dir)
     options = resolved_options(args, device, amp_dtype, train_args, len(dataset))
+    used = scoring_record["options"]
     scoring = {"pixel_map": str(scorer.pixel_level.spec), "image_map": str(scorer.image_level.spec)}
-    options.update(scoring, threshold=threshold.to_dict() if threshold else None)
+    options.update(used, **scoring, threshold=threshold.to_dict() if threshold else None)
     save_text(out / "args.json", json.dumps(options, indent=2, default=str) + "\n")
 
     start = time.perf_counter()
@@ -611,9 +626,11 @@ def main(args: argparse.Namespace) -> int:
         write_tiffs(dataset, collector, [by_path[it.path] for it in dataset.items])
     if labelled:
         lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax, threshold,
-                               {**scoring, "score": args.score, "sigma": args.sigma, "image_sigma": args.image_sigma,
-                                "num_masks": args.num_masks,
-                                "mask_pattern": args.mask_pattern}, elapsed / collector.count)
+                               {**{k: used[k] for k in ("score", "topk_fraction", "sigma", "image_sigma", "num_masks",
+                                                        "mask_pattern")}, **scoring,
+                                "recipe_source": scoring_record["source"],
+                                "overridden_by_flags": scoring_record["overridden_by_flags"],
+                                "choice": scoring_record["choice"]}, elapsed / collector.count)
     else:
         lines += pass_fail_lines(collector, threshold)
     if recon_u8 is not None:

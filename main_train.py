@@ -25,7 +25,7 @@ from engine import evaluate, train_one_epoch
 from lora_utils import (LORA_TARGETS, cast_frozen_weights, freeze_non_lora, is_lora_name, parameter_table,
                         unmerged_state_dict)
 from models_mae import MODELS, AnomalyScorer, create_model
-from scoring import ScoringOptions, holdout_error_maps, make_calibration
+from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibration
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
 from util.cli import UserError, run_cli, warn
@@ -177,6 +177,8 @@ def resolve_options(args: argparse.Namespace, world_size: int, amp_dtype: Option
         holdout=DEFAULT_HOLDOUT if args.holdout is None else args.holdout,
         holdout_files=holdout_names(args.data_path, DEFAULT_HOLDOUT if args.holdout is None else args.holdout,
                                     args.seed, strict=args.holdout is not None),
+        # main_infer.py scores checkpoints made under older scoring defaults as they were scored then.
+        scoring_version=SCORING_VERSION,
     )
     return options
 
@@ -325,21 +327,21 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
 
 
 def calibrate(model: nn.Module, data_path: str, holdout_files: list[str], device: torch.device,
-              amp_dtype: Optional[torch.dtype], batch_size: int) -> dict[str, Any]:
-    """Held-out normal maps and the threshold for the default scoring options (scoring.py), on the
-    (unwrapped) model; the model is back in train mode after."""
+              amp_dtype: Optional[torch.dtype], batch_size: int, seed: int) -> dict[str, Any]:
+    """Held-out normal maps, the category's recipe choice (scoring.holdout_choice) and the threshold
+    for it, on the (unwrapped) model; the model is back in train mode after."""
     start = time.perf_counter()
     options = ScoringOptions()
     try:
-        maps = holdout_error_maps(model, data_path, holdout_files, options, device, amp_dtype,
-                                  batch_size=max(1, batch_size // 4))
+        maps, choice = holdout_choice(model, data_path, holdout_files, options, device, amp_dtype,
+                                      batch_size=max(1, batch_size // 4), seed=seed)
     finally:
         model.train(True)
-    calibration = make_calibration(maps, holdout_files, model.img_size, options)
+    calibration = make_calibration(maps, holdout_files, model.img_size, options, choice)
     threshold = calibration["threshold"]
-    print(f"calibrated on {len(holdout_files)} held-out images in {time.perf_counter() - start:.1f}s: image threshold "
-          f"{threshold['image']:.4g} ({options.image_map}, quantile {options.image_quantile:g}), pixel threshold "
-          f"{threshold['pixel']:.4g} ({options.pixel_map})")
+    print(f"calibrated on {len(holdout_files)} held-out images (and {choice.n_defective} synthetic defects on "
+          f"them) in {time.perf_counter() - start:.1f}s: {choice.describe()}; image threshold "
+          f"{threshold['image']:.4g}, pixel threshold {threshold['pixel']:.4g}")
     return calibration
 
 
@@ -537,7 +539,7 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
                 rng = dist_util.all_gather_objects(rng_state())  # every rank's streams, for an exact resume
                 if is_main:
                     calibration = calibrate(model, args.data_path, options["holdout_files"], device, amp_dtype,
-                                            args.batch_size) if last and options["holdout_files"] else None
+                                            args.batch_size, args.seed) if last and options["holdout_files"] else None
                     ckpt = make_checkpoint(model, optimizer, scaler, epoch, options, rng, calibration)
                     if numbered:
                         save_atomic(ckpt, out / f"checkpoint-{epoch}.pth")

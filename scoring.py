@@ -8,11 +8,14 @@ A checkpoint's `calibration` entry (a plain dict, weights_only-loadable):
                            the options the maps depend on
     maps                   {error: float32 [n, S, S]}, the per-pixel mse and msgms maps of the held-out
                            images, not smoothed (each level smooths them with its own sigma)
-    defaults, threshold    the scoring options main_train.py calibrated for, and their Threshold
+    choice                 (version 3) the category's recipes chosen from held-out normal images and
+                           synthetic defects on them (util.recipe_choice), with the evidence
+    defaults, threshold    the scoring options main_train.py calibrated for (the choice applied), and
+                           their Threshold; main_infer.py scores with `defaults` unless flags override
 Every other statistic (per-pixel mean/std, fusion scales, leave-one-out scores) is derived from the
 maps, so any map recipe and quantile can be scored from a checkpoint without re-reading images.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,25 +25,30 @@ from torch.utils.data import DataLoader
 from engine import collect_error_maps
 from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
-from util.datasets import TestDataset, holdout_items
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, TestDataset, holdout_items
+from util.defect_synthesis import synthetic_defects
+from util.recipe_choice import RecipeChoice, choice_from_dict, choose_recipes
 from util.smoothing import GaussianSmoothing
 
-CALIBRATION_VERSION = 2  # 1 (never released) stored smoothed maps
+# 1 (never released) stored smoothed maps; 2 the maps and the global defaults; 3 adds the choice
+CALIBRATION_VERSION = 3
 MAP_OPTIONS = ("num_masks", "mask_pattern")  # what the stored held-out maps depend on
+SCORING_VERSION = 3  # main_train.py records it in a checkpoint's args; older checkpoints score as before
 
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How images are scored. The defaults were chosen by measurement (README, "Scoring")."""
+    """How images are scored. The defaults were chosen on the quality table (docs/QUALITY.md); a
+    checkpoint's per-category choice (util.recipe_choice) replaces the recipe fields."""
 
     num_masks: int = 4
-    mask_pattern: str = "stripes"
+    mask_pattern: str = "grid"
     sigma: float = 4.0
-    image_sigma: float = 2.0
+    image_sigma: float = 4.0
     score: str = "max"
     topk_fraction: float = 0.01
     pixel_map: str = "mse"
-    image_map: str = "fusion-absz"
+    image_map: str = "mse"
     image_quantile: float = 0.95
     pixel_quantile: float = 0.999
 
@@ -52,9 +60,13 @@ class ScoringOptions:
         return asdict(self)
 
 
+# What checkpoints made before the per-category choice were scored with; they still are.
+LEGACY_OPTIONS = ScoringOptions(mask_pattern="stripes", image_sigma=2.0, image_map="fusion-absz")
+
+
 def calibration_matches(calibration: dict[str, Any], options: ScoringOptions, input_size: int) -> bool:
     """Whether the stored held-out maps were made with these view/smoothing options at this size."""
-    return calibration.get("version") == CALIBRATION_VERSION and int(calibration["input_size"]) == input_size \
+    return calibration.get("version") in (2, CALIBRATION_VERSION) and int(calibration["input_size"]) == input_size \
         and all(calibration[k] == getattr(options, k) for k in MAP_OPTIONS)
 
 
@@ -68,14 +80,54 @@ def holdout_error_maps(model: MaskedAutoencoderViT, data_path: str | Path, names
     return collect_error_maps(scorer, loader, device, amp_dtype)
 
 
+def holdout_choice(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
+                   device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8, seed: int = 0
+                   ) -> tuple[dict[str, torch.Tensor], RecipeChoice]:
+    """The held-out normal maps {error: [n, S, S]} and the category's recipe choice, made from those
+    images and synthetic defects pasted on them (util.recipe_choice); no test image is read."""
+    dataset = TestDataset(holdout_items(data_path, names), model.img_size)
+    scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern).to(device)
+    normal = collect_error_maps(scorer, DataLoader(dataset, batch_size=batch_size), device, amp_dtype)
+    defects = synthetic_defects(dataset.images, seed)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = (defects.images.float() / 255.0 - mean) / std  # [m, 3, S, S], as TestDataset normalises
+    loader = DataLoader([{"image": img} for img in images], batch_size=batch_size)
+    defective = collect_error_maps(scorer, loader, device, amp_dtype)
+    return normal, choose_recipes(normal, defective, defects.source, defects.masks, options.sigma)
+
+
+def apply_choice(options: ScoringOptions, choice: Optional[dict[str, Any]]) -> ScoringOptions:
+    """`options` with a stored choice's recipe fields (util.recipe_choice.choice_from_dict)."""
+    fields_set = choice_from_dict(choice)
+    return replace(options, **fields_set) if fields_set else options
+
+
 def make_calibration(maps: dict[str, torch.Tensor], holdout_files: list[str], input_size: int,
-                     options: ScoringOptions) -> dict[str, Any]:
-    """The checkpoint's `calibration` entry for held-out maps made with `options`."""
+                     options: ScoringOptions, choice: Optional[RecipeChoice] = None) -> dict[str, Any]:
+    """The checkpoint's `calibration` entry for held-out maps made with `options` (and the choice,
+    whose recipes then become the stored defaults)."""
+    stored_choice = choice.to_dict() if choice is not None else None
+    options = apply_choice(options, stored_choice)
     _, threshold = fit_scoring(maps, options)
     return {"version": CALIBRATION_VERSION, "holdout_files": list(holdout_files), "input_size": int(input_size),
             **{k: getattr(options, k) for k in MAP_OPTIONS},
             "maps": {e: m.float().contiguous() for e, m in maps.items()},
-            "defaults": options.to_dict(), "threshold": threshold.to_dict()}
+            "choice": stored_choice, "defaults": options.to_dict(), "threshold": threshold.to_dict()}
+
+
+def checkpoint_defaults(calibration: Optional[dict[str, Any]], train_args: dict[str, Any]
+                        ) -> tuple[ScoringOptions, str]:
+    """The options a checkpoint is scored with when no flag says otherwise, and where they come from:
+    its stored per-category choice; for checkpoints made before the choice, what they were scored
+    with then (LEGACY_OPTIONS, or the defaults stored with their calibration)."""
+    if calibration is not None and calibration.get("choice"):
+        return options_from(calibration["defaults"]), "chosen for this category from its held-out normal images"
+    if int(train_args.get("scoring_version", 0)) >= SCORING_VERSION:
+        return ScoringOptions(), "the global defaults"
+    stored = (calibration or {}).get("defaults")
+    return (options_from(stored, LEGACY_OPTIONS) if stored else LEGACY_OPTIONS,
+            "note: this checkpoint predates the per-category recipe choice; it is scored as before "
+            "(stripes masks, fusion-absz image map); retrain, or pass scoring flags, for today's defaults")
 
 
 def fit_scoring(maps: dict[str, torch.Tensor], options: ScoringOptions):
@@ -120,8 +172,9 @@ def build_scorer(model: MaskedAutoencoderViT, options: ScoringOptions,
     return scorer, threshold
 
 
-def options_from(values: dict[str, Any]) -> ScoringOptions:
-    """ScoringOptions from a dict that may hold other keys (a parsed command line, say); None = default."""
-    defaults = ScoringOptions()
+def options_from(values: dict[str, Any], defaults: Optional[ScoringOptions] = None) -> ScoringOptions:
+    """ScoringOptions from a dict that may hold other keys (a parsed command line, say); None or absent =
+    the value in `defaults` (ScoringOptions() when not given)."""
+    defaults = defaults or ScoringOptions()
     return ScoringOptions(**{f.name: values[f.name] if values.get(f.name) is not None else getattr(defaults, f.name)
                              for f in fields(ScoringOptions)})

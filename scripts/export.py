@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
     require_packages(args.format)
     opset = check_opset(args.opset) if args.format == "onnx" else None
-    scorer, calibrated, train_args = load_scoring(args.checkpoint, args.pretrained)  # fp32, CPU, defaults
+    scorer, calibrated, train_args, _ = load_scoring(args.checkpoint, args.pretrained)  # fp32, CPU, its defaults
     threshold = choose_threshold(calibrated, args.threshold, args.checkpoint)
     module = DeployedScorer(scorer, threshold.image, threshold.image_low).eval()
     batch = None if args.dynamic_batch else args.batch

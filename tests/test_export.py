@@ -76,7 +76,7 @@ def calibrated_checkpoint(synthetic_category, tmp_path_factory) -> Path:
 def _reference(category: Path, checkpoint: Path):
     """main_infer's scorer in fp32 on the test images: uint8 pixels [N, S, S, 3], scores, maps, Threshold."""
     dataset = TestDataset(find_test_items(category), SIZE)
-    scorer, threshold, _ = main_infer.load_scoring(str(checkpoint))
+    scorer, threshold, _, _ = main_infer.load_scoring(str(checkpoint))
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     with torch.inference_mode():
         out = scorer(images)

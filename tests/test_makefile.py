@@ -69,3 +69,11 @@ def test_make_test_installs_the_export_requirements_and_demo_does_not(tmp_path):
                           check=True, capture_output=True, text=True).stdout
     assert "-r requirements-export.txt" in test and f"touch {stamp}" in test
     assert "requirements-export.txt" not in demo
+
+
+def test_demo_on_a_category_without_test_images_stops_before_training(tmp_path):
+    (tmp_path / "mine" / "train" / "good").mkdir(parents=True)
+    done = subprocess.run(["make", "-s", "demo", f"DATA={tmp_path}/mine", f"OUT={tmp_path}/out",
+                           f"VENV={ROOT / '.venv'}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "has no test/ folder" in done.stderr and "--images" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing trained

@@ -169,6 +169,7 @@ def test_compare_scoring_agrees_with_main_infer(synthetic_category, holdout_chec
 
     code, _, err = _cli(compare_scoring, ["--checkpoint", holdout_checkpoint, "--data_path", synthetic_category,
                                           "--maps", "mse,fusion-absz", "--sigma", "2", "--amp", "none",
+                                          "--mask_pattern", "stripes", "--image_sigma", "2",
                                           "--output", tmp_path / "cmp.json"], capsys)
     assert code == 0, err
     compared = json.loads((tmp_path / "cmp.json").read_text())["std_floor"]["0.5"]

@@ -1,0 +1,60 @@
+"""scripts/quality_table.py: the demo recipe it trains is the Makefile's, and its rows are the
+candidates' metrics on the same checkpoint (the original method's row equals main_infer.py's)."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import main_infer
+from scripts import quality_table
+
+from test_scoring_cli import INFER, _checkpoint, _cli
+
+MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
+MAKE_VARS = {"model": "MODEL", "input_size": "INPUT_SIZE", "epochs": "EPOCHS", "batch_size": "BATCH_SIZE",
+             "lr": "LR", "warmup_epochs": "WARMUP", "train_mask_ratio": "MASK_RATIO"}
+
+
+def test_the_table_trains_the_makefile_demo_recipe():
+    text = MAKEFILE.read_text()
+    for key, var in MAKE_VARS.items():
+        value = re.search(rf"^{var}\s*\?=\s*(\S+)", text, re.M).group(1)
+        assert str(quality_table.DEMO_RECIPE[key]) == value or float(quality_table.DEMO_RECIPE[key]) == float(value)
+
+
+def test_bad_category_lists_are_one_line_errors(capsys):
+    code, _, err = _cli(quality_table, ["--categories", "capsule", "--output_dir", "x"], capsys)
+    assert code == 2 and "NAME=VALUE" in err
+
+
+@pytest.mark.slow
+def test_rows_are_the_candidates_on_one_checkpoint(synthetic_category, tmp_path, capsys, one_thread):
+    names = sorted(p.name for p in (synthetic_category / "train" / "good").iterdir())[:4]
+    run = tmp_path / "out" / "scratch_cat"
+    run.mkdir(parents=True)
+    _checkpoint(run / "checkpoint-last.pth", names, synthetic_category)
+    code, stdout, err = _cli(quality_table, ["--categories", f"cat={synthetic_category}", "--output_dir",
+                                             tmp_path / "out", "--no_train"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "quality.json").read_text())["results"]["scratch"]["cat"]
+    assert (run / "maps_grid.pt").is_file() and (run / "maps_stripes.pt").is_file()
+    # the original method's row is what main_infer.py gives for that recipe
+    infer = [a for a in INFER if a not in ("--sigma", "2")]
+    code, _, err = _cli(main_infer, ["--checkpoint", run / "checkpoint-last.pth", "--data_path", synthetic_category,
+                                     "--output_dir", tmp_path / "o", "--mask_pattern", "stripes", "--image_map", "mse",
+                                     "--image_sigma", "4", "--pixel_map", "mse", *infer], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    for key in quality_table.METRICS:
+        assert result["original"][key] == pytest.approx(metrics[key], abs=1e-6)
+    # auto is one of the candidates, and the oracle is at least as good as auto on the test labels
+    assert result["auto"]["image_auroc"] == result["image_candidates"][result["choice"]["image"]]
+    assert result["oracle"]["image_auroc"] >= result["auto"]["image_auroc"]
+    assert "| original method" in (tmp_path / "out" / "quality.md").read_text()
+    # a rerun reads the cached maps and gives the same table
+    shutil.copy(tmp_path / "out" / "quality.json", tmp_path / "first.json")
+    code, _, err = _cli(quality_table, ["--categories", f"cat={synthetic_category}", "--output_dir",
+                                        tmp_path / "out", "--no_train"], capsys)
+    assert code == 0 and (tmp_path / "out" / "quality.json").read_text() == (tmp_path / "first.json").read_text()

@@ -1,0 +1,155 @@
+"""Choosing a category's scoring recipe from its held-out NORMAL images only.
+
+Whether an anomaly map should be compared with per-pixel normal statistics (calibrated: `-absz`,
+`fusion`) or taken raw depends on the data: an aligned object has a fixed layout that per-pixel
+statistics describe, a texture has none and its per-pixel mean and std over a few held-out images are
+noise. The kind alone does not settle it either (docs/QUALITY.md), so each level is chosen by
+measurement on what training already has: the held-out normal images and the same images with crude
+synthetic defects pasted on (util.defect_synthesis). No test image and no test label is read.
+
+For each candidate, the held-out normal maps are computed leave-one-out (each image standardised with
+the statistics of the OTHER held-out images, util.calibration) and each defective copy with the
+statistics that exclude its own source image, so no image is compared with itself. Then
+- image level: AUROC of the image scores, held-out normals (0) against their defective copies (1);
+- pixel level: AUPRO (util.metrics.aupro) of the pixel maps over the same images.
+The candidate with the highest value wins; candidates within TOLERANCE of the best count as equal
+and the earliest in the candidate list wins, so the original method's raw `mse` is kept unless a
+calibrated recipe is clearly better.
+"""
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from util.calibration import LevelStats, MapSpec, fit_level, image_scores, leave_one_out_mean_std, level_map
+from util.metrics import aupro, auroc
+from util.smoothing import GaussianSmoothing
+
+TOLERANCE = 0.01  # differences below this on ~20 held-out images are noise
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """How the image score is computed: the map recipe, its smoothing and the statistic."""
+
+    image_map: str
+    image_sigma: float
+    score: str = "max"
+    topk_fraction: float = 0.01
+
+    @property
+    def name(self) -> str:
+        stat = "max" if self.score == "max" else f"top{self.topk_fraction * 100:g}%"
+        return f"{self.image_map} {stat} s{self.image_sigma:g}"
+
+
+# In order of preference on a tie: the original method first.
+IMAGE_CANDIDATES = (
+    ImageRecipe("mse", 4.0),
+    ImageRecipe("mse", 4.0, "topk", 0.05),
+    ImageRecipe("fusion", 4.0),
+    ImageRecipe("mse-absz", 2.0),
+    ImageRecipe("fusion-absz", 2.0),
+)
+PIXEL_CANDIDATES = ("mse", "fusion", "mse-absz", "fusion-absz")
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """The chosen recipes and the evidence: each candidate's value on the held-out data."""
+
+    image: ImageRecipe
+    pixel_map: str
+    image_evidence: dict[str, float]
+    pixel_evidence: dict[str, float]
+    map_consistency: float
+    n_normal: int
+    n_defective: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.image), "pixel_map": self.pixel_map,
+                "evidence": {"image_auroc": self.image_evidence, "pixel_aupro": self.pixel_evidence,
+                             "map_consistency": self.map_consistency, "n_normal": self.n_normal,
+                             "n_defective": self.n_defective}}
+
+    def describe(self) -> str:
+        return (f"image score {self.image.name} (held-out AUROC {self.image_evidence[self.image.name]:.3f}), "
+                f"pixel map {self.pixel_map} (held-out AUPRO {self.pixel_evidence[self.pixel_map]:.3f})")
+
+
+def map_consistency(normal_mse: torch.Tensor, sigma: float = 4.0) -> float:
+    """Mean correlation of each held-out mse map (smoothed) with the mean of the others: near 1 when a
+    fixed per-pixel pattern explains the maps (aligned object), near 0 for a texture. Evidence only."""
+    maps = GaussianSmoothing(sigma)(normal_mse.float()).double().flatten(1)  # [n, P]
+    n = maps.shape[0]
+    others = (maps.sum(0, keepdim=True) - maps) / (n - 1)
+    a, b = maps - maps.mean(1, keepdim=True), others - others.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+    return float(corr.mean())
+
+
+def _recipe_maps(normal: dict[str, torch.Tensor], defective: dict[str, torch.Tensor], source: torch.Tensor,
+                 spec: MapSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's maps of the normal images (leave-one-out) and of their defective copies (statistics
+    without their source image), from smoothed error maps {error: [n|m, S, S]}."""
+    stats, normal_maps = fit_level(normal, spec)
+    loo = LevelStats({}, {}, dict(stats.scale))
+    for error in spec.errors:
+        mean, std = leave_one_out_mean_std(normal[error])
+        loo.mean[error], loo.std[error] = mean[source], std[source]
+    defective_maps = level_map({e: defective[e].double() for e in spec.errors}, spec, loo)
+    return normal_maps.float(), defective_maps.float()
+
+
+def _best(values: dict[str, float]) -> str:
+    """The first name within TOLERANCE of the best value (dicts keep the candidates' order)."""
+    top = max(values.values())
+    return next(name for name, v in values.items() if v >= top - TOLERANCE)
+
+
+def choose_recipes(normal: dict[str, torch.Tensor], defective: dict[str, torch.Tensor], source: torch.Tensor,
+                   defect_masks: torch.Tensor, pixel_sigma: float,
+                   image_candidates: tuple[ImageRecipe, ...] = IMAGE_CANDIDATES,
+                   pixel_candidates: tuple[str, ...] = PIXEL_CANDIDATES) -> RecipeChoice:
+    """Pick the image and the pixel recipe (module docstring).
+
+    normal: unsmoothed error maps {error: [n, S, S]} of the held-out normal images; defective: the same
+    for their defective copies [m, S, S]; source: [m], the normal image each copy was made from;
+    defect_masks: [m, S, S] bool. Deterministic: the same maps give the same choice.
+    """
+    n, m = next(iter(normal.values())).shape[0], source.numel()
+    labels = np.r_[np.zeros(n), np.ones(m)]
+    masks = np.concatenate([np.zeros((n,) + tuple(defect_masks.shape[1:]), bool), defect_masks.numpy()])
+    smoothed: dict[float, tuple[dict, dict]] = {}
+
+    def level(sigma: float, recipe: str) -> torch.Tensor:
+        normal_s, defective_s = smoothing_cache(smoothed, sigma, normal, defective)[sigma]
+        a, b = _recipe_maps(normal_s, defective_s, source, MapSpec.parse(recipe))
+        return torch.cat([a, b])  # [n + m, S, S]
+
+    image_evidence = {}
+    for c in image_candidates:
+        scores = image_scores(level(c.image_sigma, c.image_map), c.score, c.topk_fraction).numpy()
+        image_evidence[c.name] = auroc(scores, labels)
+    pixel_evidence = {r: aupro(level(pixel_sigma, r).numpy(), masks) for r in pixel_candidates}
+    image = {c.name: c for c in image_candidates}[_best(image_evidence)]
+    return RecipeChoice(image, _best(pixel_evidence), image_evidence, pixel_evidence,
+                        map_consistency(normal["mse"], pixel_sigma), n, m)
+
+
+def smoothing_cache(cache: dict, sigma: float, normal: dict[str, torch.Tensor],
+                    defective: dict[str, torch.Tensor]) -> dict:
+    """Fill cache[sigma] with (normal, defective) maps smoothed by sigma once; returns the cache."""
+    if sigma not in cache:
+        smoothing = GaussianSmoothing(sigma)
+        cache[sigma] = ({e: smoothing(x.float()) for e, x in normal.items()},
+                        {e: smoothing(x.float()) for e, x in defective.items()})
+    return cache
+
+
+def choice_from_dict(d: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The scoring options a stored choice sets (ScoringOptions' names), or None."""
+    if not d:
+        return None
+    return {k: d[k] for k in ("image_map", "image_sigma", "score", "topk_fraction", "pixel_map")}
