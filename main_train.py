@@ -140,12 +140,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--input_size {args.input_size} is not a multiple of the patch size {PATCH_SIZE}: "
                         f"use a multiple of 7, e.g. {lo} or {lo + PATCH_SIZE} (224 and 112 are the usual sizes)")
     if args.eval_every:
-        try:  # --eval_every scores with EVAL_NUM_MASKS stripe views: the patch grid must split evenly
-            make_inference_masks(args.input_size // PATCH_SIZE, EVAL_NUM_MASKS, "stripes")
+        try:  # --eval_every scores with the default views: the patch grid must split evenly
+            make_inference_masks(args.input_size // PATCH_SIZE, EVAL_NUM_MASKS, ScoringOptions.mask_pattern)
         except ValueError as e:
-            raise UserError(f"--eval_every with --input_size {args.input_size}: {e}; use an --input_size whose "
-                            f"grid side (input_size/7) is a multiple of {EVAL_NUM_MASKS}, e.g. 56, 112 or 224, "
-                            f"or --eval_every 0") from e
+            raise UserError(f"--eval_every with --input_size {args.input_size}: {e}; use an --input_size such as "
+                            f"56, 112 or 224, or --eval_every 0") from e
     if args.holdout is not None and not 0.0 <= args.holdout < 0.5:
         raise UserError(f"--holdout {args.holdout}: must be in [0, 0.5) (a fraction of train/good; 0 = none)")
     if not 0.0 < args.train_mask_ratio < 1.0:
@@ -453,7 +452,7 @@ def restore_training_state(checkpoint: dict[str, Any], path: Path, model: nn.Mod
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
                    amp_dtype: Optional[torch.dtype]) -> dict[str, Any]:
     """Anomaly metrics of the (unwrapped) model on the test split; the model is back in train mode after."""
-    scorer = AnomalyScorer(model, EVAL_NUM_MASKS, "stripes", 4.0).to(device)
+    scorer = AnomalyScorer(model, EVAL_NUM_MASKS, ScoringOptions.mask_pattern, ScoringOptions.sigma).to(device)
     try:
         metrics = evaluate(scorer, loader, device, amp_dtype)
     finally:

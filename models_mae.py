@@ -357,7 +357,7 @@ class AnomalyScorer(nn.Module):
         self,
         model: MaskedAutoencoderViT,
         num_masks: int = 4,
-        mask_pattern: str = "stripes",
+        mask_pattern: str = "grid",
         sigma: float = 4.0,
         image_sigma: Optional[float] = None,
         score: str = "max",

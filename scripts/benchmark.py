@@ -98,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank on the attention qkv/proj linears")
     p.add_argument("--num_masks", type=int, default=4, help="K inference views")
-    p.add_argument("--mask_pattern", default="stripes", choices=MASK_PATTERNS)
+    p.add_argument("--mask_pattern", default="grid", choices=MASK_PATTERNS)
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the anomaly maps")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path (compile time not timed)")
     p.add_argument("--compile_backend", default="inductor",

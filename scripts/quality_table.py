@@ -172,12 +172,13 @@ def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
                 if members:
                     cells.append(fmt({k: float(np.mean([runs[c][key][k] for c in members])) for k in METRICS}))
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
-        lines += ["", "| category | chosen image recipe (oracle) | chosen pixel map (oracle) | map consistency |",
-                  "|---|---|---|---|"]
+        lines += ["", "| category | kind | chosen image recipe (test labels' choice) | chosen pixel map (test labels' "
+                  "choice) | cost: image AUROC / AUPRO | map consistency |", "|---|---|---|---|---|---|"]
         for c in cats:
-            ch = runs[c]["choice"]
-            lines.append(f"| {c} | {ch['image']} ({ch['oracle_image']}) | {ch['pixel']} ({ch['oracle_pixel']}) | "
-                         f"{ch['evidence']['map_consistency']:.2f} |")
+            ch, auto, oracle = runs[c]["choice"], runs[c]["auto"], runs[c]["oracle"]
+            lines.append(f"| {c} | {kinds[c]} | {ch['image']} ({ch['oracle_image']}) | {ch['pixel']} "
+                         f"({ch['oracle_pixel']}) | {oracle['image_auroc'] - auto['image_auroc']:.3f} / "
+                         f"{oracle['aupro'] - auto['aupro']:.3f} | {ch['evidence']['map_consistency']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
