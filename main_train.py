@@ -143,8 +143,8 @@ def validate_args(args: argparse.Namespace) -> None:
         try:  # --eval_every scores with the default views: the patch grid must split evenly
             make_inference_masks(args.input_size // PATCH_SIZE, EVAL_NUM_MASKS, ScoringOptions.mask_pattern)
         except ValueError as e:
-            raise UserError(f"--eval_every with --input_size {args.input_size}: {e}; use an --input_size such as "
-                            f"56, 112 or 224, or --eval_every 0") from e
+            raise UserError(f"--eval_every with --input_size {args.input_size}: {e}; use an --input_size whose "
+                            f"grid side (input_size/7) is even, e.g. 56, 112 or 224, or --eval_every 0") from e
     if args.holdout is not None and not 0.0 <= args.holdout < 0.5:
         raise UserError(f"--holdout {args.holdout}: must be in [0, 0.5) (a fraction of train/good; 0 = none)")
     if not 0.0 < args.train_mask_ratio < 1.0:

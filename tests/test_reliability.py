@@ -201,7 +201,7 @@ def test_infer_bad_flags(flags, fragments, checkpoint, synthetic_category, tmp_p
 
 
 def test_train_eval_every_needs_a_grid_the_eval_masks_fit(synthetic_category, tmp_path, monkeypatch, capsys):
-    """49 px = a 7x7 grid, which 4 stripe views cannot split: refused before any epoch runs
+    """49 px = a 7x7 grid, which the 4 default (grid) views cannot split: refused before any epoch runs
     (it used to fail with a ValueError at the first evaluation, after training)."""
     monkeypatch.setattr(main_train, "TrainDataset", None)  # reading data would crash the test
     code, _, err = _cli(main_train, ["--data_path", synthetic_category, "--output_dir", tmp_path / "o", *TINY,
