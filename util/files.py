@@ -32,14 +32,10 @@ def _entries(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir()) if out.is_dir() else []
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool = False, outputs: Sequence[str] = ()) -> Path:
-    """Create --output_dir (and its parents) for one run.
-
-    A folder that already holds anything is refused with a one-line error naming --overwrite, so the
-    pictures of an earlier run never sit beside new scores. With `overwrite`, the files and folders
-    named in `outputs` (what the calling script writes, relative to the folder) are deleted first;
-    anything else in the folder is left alone.
-    """
+def check_output_dir(output_dir: str, overwrite: bool = False) -> None:
+    """Refuse --output_dir when it is a file, or a folder that holds anything and `overwrite` is off:
+    one run per folder, so the pictures of an earlier run never sit beside new scores. Writes nothing
+    (call it before slow work; prepare_output_dir repeats it)."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
@@ -48,6 +44,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool = False, outputs: Sequen
         raise UserError(f"--output_dir {out} is not empty ({len(present)} entries, e.g. {present[0].name}); "
                         f"pass --overwrite to replace this script's earlier outputs there (other files are kept), "
                         f"or choose another folder")
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool = False, outputs: Sequence[str] = ()) -> Path:
+    """Create --output_dir (and its parents) for one run, after check_output_dir; with `overwrite`, the
+    files and folders named in `outputs` (what the calling script writes, relative to the folder) are
+    deleted first and anything else in the folder is left alone."""
+    check_output_dir(output_dir, overwrite)
+    out = Path(output_dir)
     if overwrite:
         remove_outputs(out, outputs)
     out.mkdir(parents=True, exist_ok=True)
