@@ -167,9 +167,10 @@ def save_overlay(path: PathLike, image: Any, reconstruction: Any, anomaly_map: A
     panels = [HeatPanel(anomaly_map, map_name, vmax, threshold)] + ([pixel_panel] if pixel_panel else [])
     pictures = [("input", rgb)] + ([("reconstruction", _to_rgb(reconstruction))] if reconstruction is not None else [])
     n = len(pictures) + len(panels)
-    fig = Figure(figsize=(0.3 + 2.35 * n, 2.75), dpi=_DPI)
+    width = 0.5 + 2.35 * n  # inches; the last 0.4 hold the colour bar's tick labels
+    fig = Figure(figsize=(width, 2.75), dpi=_DPI)
     axes = fig.subplots(1, n)
-    fig.subplots_adjust(left=0.01, right=0.97, bottom=0.02, top=0.76, wspace=0.12)
+    fig.subplots_adjust(left=0.01, right=1 - 0.4 / width, bottom=0.02, top=0.76, wspace=0.12)
     for ax, (name, picture) in zip(axes, pictures):
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(name, fontsize=7)
