@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Score images with an ONNX file written by scripts/export.py (onnxruntime, no PyTorch): "
                     "scores.csv, anomaly_maps/*.npy, skipped.csv, report.html (and overlays/ with matplotlib) as "
                     "main_infer.py --images writes them. docs/REPORT.md explains the outputs and the verdict.")
-    # --model: the old name (main_train.py's --model is a variant name, this is a file)
+    # --model: the old name (main_train.py's --model is a variant name, this is a file); still accepted
     parser.add_argument("--onnx", "--model", dest="onnx", required=True, metavar="FILE",
                         help="the .onnx file from scripts/export.py")
     parser.add_argument("--images", required=True, metavar="PATH",

@@ -217,3 +217,21 @@ def test_non_image_and_hidden_files(tmp_path):
     (tmp_path / ".DS_Store").write_text("")
     save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "y.png")
     assert [rel for _, rel in other_files(tmp_path)] == ["x.txt"]
+
+
+def test_old_flag_names_are_still_accepted_but_not_shown():
+    from scripts import benchmark, benchmark_export, export, predict_onnx
+
+    cases = [(export, ["--checkpoint", "c", "--output", "m.onnx"], "--batch", "3", "batch", 3),
+             (predict_onnx, ["--images", "x", "--output_dir", "o"], "--model", "m.onnx", "onnx", "m.onnx"),
+             (benchmark, [], "--json", "b.json", "output", "b.json"),
+             (benchmark_export, ["--data_path", "d"], "--json", "b.json", "output", "b.json")]
+    for module, argv, old, value, dest, expected in cases:
+        parser = module.get_args_parser()
+        assert getattr(parser.parse_args([*argv, old, value]), dest) == expected, (module.__name__, old)
+        shown = parser.format_help()
+        assert old + " " not in shown.replace(f"{old}_", "") and old + "," not in shown, (module.__name__, old)
+        assert parser.prog == Path(module.__file__).name  # the usage line names the script
+    assert predict_onnx.get_args_parser().parse_args(["--onnx", "m.onnx", "--images", "x", "--output_dir", "o"]).onnx \
+        == "m.onnx"
+    assert main_infer.get_args_parser().prog == "main_infer.py"
