@@ -118,18 +118,22 @@ img.thumb { height: 96px; display: block; }
 .note { color: #666; font-size: 12px; }
 """
 
-# Sort the table whose header cell was clicked by that column: numbers numerically, the rest as text.
+# Sort the table whose header cell was clicked by that column: numbers numerically (highest first on
+# the first click), text alphabetically; a second click reverses. The arrow shows the current order.
 _SCRIPT = """
 document.querySelectorAll("th.sort").forEach(function (th) {
   th.addEventListener("click", function () {
     var table = th.closest("table"), body = table.tBodies[0], col = th.cellIndex;
-    var down = th.dataset.dir !== "desc";
-    table.querySelectorAll("th.sort").forEach(function (h) { delete h.dataset.dir; h.textContent = h.textContent.replace(/ [\\u25b2\\u25bc]$/, ""); });
-    th.dataset.dir = down ? "desc" : "asc"; th.textContent += down ? " \\u25bc" : " \\u25b2";
     var rows = Array.prototype.slice.call(body.rows);
+    var numeric = rows.every(function (r) { var v = r.cells[col].dataset.v; return v === "" || !isNaN(v); });
+    var down = th.dataset.dir ? th.dataset.dir === "asc" : numeric;
+    table.querySelectorAll("th.sort").forEach(function (h) {
+      delete h.dataset.dir; h.textContent = h.textContent.replace(/ [\\u25b2\\u25bc]$/, "");
+    });
+    th.dataset.dir = down ? "desc" : "asc"; th.textContent += down ? " \\u25bc" : " \\u25b2";
     rows.sort(function (a, b) {
       var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
-      var d = (x !== "" && y !== "" && !isNaN(x) && !isNaN(y)) ? x - y : x.localeCompare(y);
+      var d = numeric ? (x === "" ? -Infinity : +x) - (y === "" ? -Infinity : +y) : x.localeCompare(y);
       return down ? -d : d;
     });
     rows.forEach(function (r) { body.appendChild(r); });
@@ -212,7 +216,8 @@ def render_report(title: str, source: str, images: Sequence[ScoredImage], skippe
         counts.append(f"{wrong} wrong (FALSE ALARM or MISS)")
     counts.append(f"{len(skipped)} not scored")
     head = ["", "path", "score", "normalised", "verdict"] + (["label", "defect", "outcome"] if labelled else [])
-    header = "".join(f'<th class="sort">{h}</th>' if h else "<th>overlay</th>" for h in head)
+    header = "".join("<th>overlay</th>" if not h else '<th class="sort" data-dir="desc">score \u25bc</th>'
+                     if h == "score" else f'<th class="sort">{h}</th>' for h in head)
     skipped_rows = "\n".join(f"<tr><td class=\"path\">{_e(s.path)}</td><td>{_e(s.reason)}</td></tr>" for s in skipped)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
