@@ -157,8 +157,8 @@ def run_inference(
 
     `scorer` (an AnomalyScorer) must already be on `device` and in the mode the caller wants: this
     generator changes no module state (`evaluate` switches to eval mode). Each batch makes exactly
-    one device->host copy: scores, maps and (optionally) reconstructions are packed into one float32
-    tensor on the device and split on the CPU, so there is no per-image sync. Inference mode is
+    one device->host copy: scores, maps and (optionally) the image-level maps and reconstructions are
+    packed into one float32 tensor on the device and split on the CPU, so there is no per-image sync. Inference mode is
     entered per batch and never held across a `yield`, so the caller's code runs outside it.
     """
     for batch in loader:
