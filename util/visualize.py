@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -93,12 +94,12 @@ def _overlay_heatmap(ax, rgb: np.ndarray, amap: Optional[np.ndarray], vmin: floa
     if amap is not None:
         heat = ax.imshow(amap, cmap=HEATMAP_CMAP, alpha=HEATMAP_ALPHA, vmin=vmin, vmax=vmax,
                          extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
-        if level is not None and amap.min() < level <= amap.max():  # otherwise there is no outline
-            _contour(ax, amap, level, w, h, THRESHOLD_COLOR, "--")
     if gt_mask is not None:
         g = (_to_map(gt_mask) > 0.5).astype(np.float32)
         if 0.0 < g.mean() < 1.0:  # an empty or full mask has no outline
             _contour(ax, g, 0.5, w, h, GT_COLOR, "-")
+    if amap is not None and level is not None and amap.min() < level <= amap.max():  # else no outline
+        _contour(ax, amap, level, w, h, THRESHOLD_COLOR, "--")  # over the ground truth: the verdict's reason
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()
@@ -106,11 +107,15 @@ def _overlay_heatmap(ax, rgb: np.ndarray, amap: Optional[np.ndarray], vmin: floa
 
 
 def _contour(ax, values: np.ndarray, level: float, w: int, h: int, color: str, style: str) -> None:
-    """The outline of values >= level, drawn on an image of w x h pixels."""
+    """The outline of values >= level, drawn on an image of w x h pixels; the threshold's white line
+    gets a dark edge so that it shows on every colour of the heatmap."""
     vh, vw = values.shape
     xs = (np.arange(vw) + 0.5) * w / vw - 0.5  # pixel centres in image coordinates
     ys = (np.arange(vh) + 0.5) * h / vh - 0.5
-    ax.contour(xs, ys, values, levels=[level], colors=color, linewidths=1.0, linestyles=style)
+    edge = [patheffects.withStroke(linewidth=2.5, foreground="black")] if color == THRESHOLD_COLOR else None
+    lines = ax.contour(xs, ys, values, levels=[level], colors=color, linewidths=1.2, linestyles=style)
+    if edge:
+        lines.set_path_effects(edge)
 
 
 def _color_range(maps: Sequence[np.ndarray], vmax: Optional[float]) -> tuple[float, float]:
@@ -141,7 +146,7 @@ def _heat_panel(fig, ax, rgb: np.ndarray, panel: HeatPanel, gt_mask: Any) -> Non
     bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
     bar.ax.tick_params(labelsize=6)
     if panel.threshold is not None and vmin <= panel.threshold <= vmax:
-        bar.ax.axhline(panel.threshold, color=THRESHOLD_COLOR, lw=1.5, ls="--")
+        bar.ax.axhline(panel.threshold, color="black", lw=1.5, ls="--")
     ax.set_title(panel.name if panel.threshold is None else f"{panel.name}\n- - threshold {panel.threshold:.3g}",
                  fontsize=7)
 
