@@ -197,6 +197,7 @@ def test_report_without_threshold_or_labels_still_lists_everything(tmp_path):
     assert all(r["verdict"] == "-" and "label" not in r for r in tables["scored"])
     assert tables["skipped"] == [{"path": "z.bmp", "reason": "cannot read image (bad)"}]
     assert 'src="overlays/a%20b.png"' in html and "http" not in html.replace("http-equiv", "")
+    assert "Threshold</b>: none (no threshold)." in html and "at or above" not in html
 
 
 def test_console_lines_line_up_at_fixed_precision():

@@ -52,7 +52,7 @@ class ScoredImage:
 class Skipped:
     """A file that was found but not scored, and why."""
 
-    path: str  # relative to the input folder (absolute when outside it)
+    path: str  # relative to the input folder, posix separators
     reason: str
 
 
@@ -223,9 +223,10 @@ def render_report(title: str, source: str, images: Sequence[ScoredImage], skippe
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>", f'<p class="meta">{_e(source)}</p>',
-        f'<div class="box"><b>Threshold</b>: image score at or above {_e(threshold)} &rarr; '
-        f'<span class="ANOMALOUS">{ANOMALOUS}</span>, below &rarr; <span class="normal">{NORMAL}</span>.<br>'
-        f'The normalised score puts the threshold at 0.5 (0 = the most normal held-out image).<br>'
+        f'<div class="box"><b>Threshold</b>: ' + (
+            f'image score at or above {_e(threshold)} &rarr; <span class="ANOMALOUS">{ANOMALOUS}</span>, below '
+            f'&rarr; <span class="normal">{NORMAL}</span>.<br>The normalised score puts the threshold at 0.5 '
+            f'(0 = the most normal held-out image).<br>' if judged else f"{_e(threshold)}.<br>") +
         f'<b>Images</b>: {_e("; ".join(counts))}.</div>',
     ]
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
