@@ -57,7 +57,7 @@ endif
 	    --warmup_epochs $(WARMUP) --train_mask_ratio $(MASK_RATIO) --save_every 0 --num_workers 0 \
 	    --print_freq 100 --device $(DEVICE) $(if $(PRETRAINED),--pretrained $(PRETRAINED),)
 	$(BIN)/python main_infer.py --checkpoint $(OUT)/train/checkpoint-last.pth --data_path $(DEMO_DATA) \
-	    --output_dir $(OUT)/eval --device $(DEVICE)
+	    --output_dir $(OUT)/eval --overwrite --device $(DEVICE)
 
 clean-demo:
 	rm -rf $(OUT)

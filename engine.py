@@ -142,6 +142,7 @@ class InferenceBatch(NamedTuple):
     anomaly_maps: torch.Tensor  # [B, H, W] float32, smoothed
     reconstructions: Optional[torch.Tensor]  # [B, 3, H, W] float32 (normalised input space), or None
     meta: dict[str, Any]  # the loader's batch as it came: image, label, mask, has_mask, defect, rel_path, index
+    image_maps: Optional[torch.Tensor] = None  # [B, H, W] float32, the map the scores come from, or None
 
 
 def run_inference(
@@ -150,13 +151,14 @@ def run_inference(
     device: torch.device,
     amp_dtype: Optional[torch.dtype] = None,
     with_reconstructions: bool = True,
+    with_image_maps: bool = False,
 ) -> Iterator[InferenceBatch]:
     """Score every batch of `loader` (TestDataset dicts) and yield its results on the CPU.
 
     `scorer` (an AnomalyScorer) must already be on `device` and in the mode the caller wants: this
     generator changes no module state (`evaluate` switches to eval mode). Each batch makes exactly
-    one device->host copy: scores, maps and (optionally) reconstructions are packed into one float32
-    tensor on the device and split on the CPU, so there is no per-image sync. Inference mode is
+    one device->host copy: scores, maps and (optionally) the image-level maps and reconstructions are
+    packed into one float32 tensor on the device and split on the CPU, so there is no per-image sync. Inference mode is
     entered per batch and never held across a `yield`, so the caller's code runs outside it.
     """
     for batch in loader:
@@ -166,13 +168,18 @@ def run_inference(
                 out = scorer(imgs)
             n, h, w = out.anomaly_maps.shape
             parts = [out.scores.float().reshape(n, 1), out.anomaly_maps.float().reshape(n, h * w)]
+            if with_image_maps:
+                parts.append(out.image_maps.float().reshape(n, h * w))
             if with_reconstructions:
                 parts.append(out.reconstructions.float().reshape(n, -1))
-            packed = torch.cat(parts, dim=1).cpu()  # [B, 1 + H*W (+ 3*H*W)], the one transfer
+            packed = torch.cat(parts, dim=1).cpu()  # [B, 1 + H*W (+ H*W) (+ 3*H*W)], the one transfer
         scores = packed[:, 0].contiguous()
         maps = packed[:, 1:1 + h * w].reshape(n, h, w).contiguous()
-        recon = packed[:, 1 + h * w:].reshape(n, -1, h, w).contiguous() if with_reconstructions else None
-        yield InferenceBatch(scores, maps, recon, batch)
+        lo = 1 + h * w
+        image_maps = packed[:, lo:lo + h * w].reshape(n, h, w).contiguous() if with_image_maps else None
+        lo += h * w if with_image_maps else 0
+        recon = packed[:, lo:].reshape(n, -1, h, w).contiguous() if with_reconstructions else None
+        yield InferenceBatch(scores, maps, recon, batch, image_maps)
 
 
 class ScoreCollector:

@@ -5,9 +5,10 @@
 
 The checkpoint alone rebuilds the model (its `args` hold the architecture); LoRA adapters are merged
 into the base weights once, before scoring. Outputs (see INTERFACE.md): anomaly_maps/*.npy,
-overlays/*.png, scores.csv, metrics.json + roc.png + summary.png (labelled data), args.json, and with
---save_tiff the maps at each image's own size in MVTec AD's evaluation layout.
-Nothing already in OUT is deleted; only the files listed above are (over)written.
+overlays/*.png, scores.csv, skipped.csv (files found but not scored, with the reason), report.html,
+metrics.json + roc.png + summary.png (labelled data), args.json, and with --save_tiff the maps at each
+image's own size in MVTec AD's evaluation layout. One run per OUT: a non-empty OUT needs --overwrite,
+which deletes this script's outputs there (OUTPUTS) and nothing else. See docs/REPORT.md.
 """
 import argparse
 import csv
@@ -16,7 +17,7 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,11 +37,14 @@ from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_s
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
 from util.datasets import TestDataset, TestItem, find_test_items, load_mask, raw_layout_stem, unlabelled_items
-from util.files import output_stem, prepare_output_dir, write_atomic
+from util.files import check_output_dir, output_stem, prepare_output_dir, write_atomic
+from util.images import is_image_file, not_image_reason, other_files, squash_note, visible_files
 from util.masks import MASK_PATTERNS
 from util.metrics import format_metrics_table, threshold_metrics
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device
-from util.visualize import denormalize, save_overlay, save_roc, save_summary
+from util.report import REPORT_NAME, ScoredImage, Skipped, console_lines, count_line, render_report, skipped_csv, \
+    threshold_text, verdict_word
+from util.visualize import HeatPanel, denormalize, save_overlay, save_roc, save_summary
 
 EVAL_SIZES = ("input", "full")
 # Overlays share one colour scale: this percentile of all map values (of the whole run). The maximum
@@ -48,13 +52,18 @@ EVAL_SIZES = ("input", "full")
 VMAX_PERCENTILE = 99.9
 _VMAX_SAMPLE = 4_000_000  # map values the percentile is estimated from (a regular sub-grid)
 SUMMARY_PER_GROUP = 8
+# What this script writes into --output_dir: all that --overwrite deletes there (with --save_tiff's
+# folders when they are inside it).
+OUTPUTS = ("anomaly_maps", "overlays", "masks", "scores.csv", "skipped.csv", "metrics.json", "roc.png",
+           "summary.png", "args.json", REPORT_NAME)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
-        "MAE-AD inference",
+        "main_infer.py",
         description="Score images with a trained MAE-AD checkpoint: anomaly maps (.npy), overlays, "
-                    "scores.csv, and metrics.json / roc.png / summary.png for a labelled test split.",
+                    "scores.csv, skipped.csv, report.html, and metrics.json / roc.png / summary.png for a "
+                    "labelled test split. docs/REPORT.md explains the outputs and the verdict.",
     )
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="checkpoint written by main_train.py (checkpoint-<epoch>.pth, checkpoint-last.pth) "
@@ -67,7 +76,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="a folder (searched recursively) or one image file, without labels: maps, "
                              "overlays and scores.csv, no metrics")
     parser.add_argument("--output_dir", required=True, metavar="OUT",
-                        help="folder for the outputs (created; existing files other than ours are left alone)")
+                        help="folder for the outputs (created); one that is not empty needs --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output_dir: first delete this script's earlier outputs "
+                             "there (anomaly_maps/, overlays/, masks/, scores.csv, skipped.csv, metrics.json, "
+                             "roc.png, summary.png, args.json, report.html; the --save_tiff folders); other files "
+                             "are kept")
     parser.add_argument("--split", default="test",
                         help="sub-folder of --data_path to score (default: test)")
     g = parser.add_argument_group(
@@ -299,23 +313,45 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
 
 
 # ---- data -------------------------------------------------------------------------------------
-def build_items(data_path: Optional[str], images: Optional[str], split: str, output_dir: str) -> list[TestItem]:
+def unread_files(base: Path, items: list[TestItem], out: Path) -> list[Skipped]:
+    """The files under `base` that are no item, with the reason: listed as not scored rather than
+    passed over in silence. Files inside --output_dir are this script's outputs, not inputs."""
+    taken = {Path(it.path).resolve() for it in items}
+    skipped = []
+    for path in visible_files(base):
+        resolved = path.resolve()
+        if resolved in taken or out in resolved.parents:
+            continue
+        reason = "an image outside the layout read here (<split>/<good|defect>/<name>)" if is_image_file(path) \
+            else not_image_reason(path)
+        skipped.append(Skipped(path.relative_to(base).as_posix(), reason))
+    return skipped
+
+
+def build_items(data_path: Optional[str], images: Optional[str], split: str, output_dir: str
+                ) -> tuple[list[TestItem], list[Skipped]]:
+    """The images to score and the files found but not to be scored (with the reason)."""
     items = find_test_items(data_path, split) if data_path is not None else unlabelled_items(images)
-    # `--images DIR --output_dir DIR/out` must not score its own overlays on a rerun.
     out = Path(output_dir).resolve()
+    # `--images DIR --output_dir DIR/out` must not score its own overlays on a rerun.
     inside = [out in Path(it.path).resolve().parents for it in items]
     if any(inside):
-        warn(f"ignoring {sum(inside)} image(s) inside --output_dir {output_dir}")
+        warn(f"ignoring {sum(inside)} image(s) inside --output_dir {output_dir} (this script's outputs)")
         items = [it for it, skip in zip(items, inside) if not skip]
         if not items:
             raise UserError(f"every image found is inside --output_dir {output_dir}; nothing to score")
+    if data_path is not None:
+        skipped = [Skipped(f"{split}/{s.path}", s.reason) for s in unread_files(Path(data_path) / split, items, out)]
+    else:
+        skipped = [Skipped(rel, not_image_reason(p)) for p, rel in other_files(images)
+                   if out not in p.resolve().parents]
     stems = Counter(output_stem(it.rel_path) for it in items)
     clash = [s for s, n in stems.items() if n > 1]
     if clash:
         names = [it.rel_path for it in items if output_stem(it.rel_path) == clash[0]]
         raise UserError(f"{' and '.join(names)} would share the output name {clash[0]}.npy; rename one "
                         f"({len(clash)} such clash(es))")
-    return items
+    return items, skipped
 
 
 def build_loader(dataset: TestDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -350,12 +386,15 @@ def scores_csv(collector: ScoreCollector, threshold: Optional[Threshold]) -> str
     return buf.getvalue()
 
 
-def verdict(score: float, threshold: Optional[Threshold]) -> Optional[str]:
-    """'ANOMALOUS (0.83)' / 'normal (0.21)' with the normalised score, or None without a threshold."""
-    if threshold is None:
-        return None
-    norm = float(normalized_scores([score], threshold)[0])
-    return f"{'ANOMALOUS' if score >= threshold.image else 'normal'} ({norm:.2f})"
+def scored_images(collector: ScoreCollector, threshold: Optional[Threshold], overlays: bool) -> list[ScoredImage]:
+    """The report's and the console's view of each scored image."""
+    normalized = normalized_scores(collector.scores, threshold) if threshold else [None] * collector.count
+    predicted = predicted_labels(collector.scores, threshold) if threshold else [None] * collector.count
+    return [ScoredImage(rel, float(score), None if norm is None else float(norm), None if pred is None else int(pred),
+                        None if label < 0 else int(label), defect,
+                        f"overlays/{output_stem(rel)}.png" if overlays else None)
+            for rel, score, norm, pred, label, defect in zip(collector.rel_paths, collector.scores, normalized,
+                                                             predicted, collector.labels, collector.defects)]
 
 
 def save_masks(out: Path, collector: ScoreCollector, pixel_threshold: float) -> None:
@@ -366,28 +405,40 @@ def save_masks(out: Path, collector: ScoreCollector, pixel_threshold: float) -> 
 
 
 # ---- the pass ---------------------------------------------------------------------------------
+def same_maps(scorer: AnomalyScorer) -> bool:
+    """Whether the image-level map (the verdict's) is the pixel-level map: same recipe, same smoothing."""
+    return str(scorer.pixel_level.spec) == str(scorer.image_level.spec) and \
+        scorer.smoothing.sigma == scorer.image_smoothing.sigma
+
+
 def score_dataset(scorer: AnomalyScorer, loader: DataLoader, device: torch.device,
-                  amp_dtype: Optional[torch.dtype], out: Path, keep_reconstructions: bool
-                  ) -> tuple[ScoreCollector, Optional[np.ndarray]]:
+                  amp_dtype: Optional[torch.dtype], out: Path, keep_reconstructions: bool, keep_image_maps: bool
+                  ) -> tuple[ScoreCollector, Optional[np.ndarray], Optional[np.ndarray]]:
     """One pass over the data: writes each map as soon as its batch is back, keeps scores and maps
-    (float32) and, for the overlays, reconstructions as uint8 pictures [N, S, S, 3]."""
+    (float32) and, for the pictures, reconstructions as uint8 [N, S, S, 3] and the image-level maps
+    [N, S, S] (float32) when asked."""
     n = len(loader.dataset)
     collector = ScoreCollector(n)
-    recon_u8 = None
+    recon_u8 = image_maps = None
     with tqdm(total=n, unit="img", desc="scoring", dynamic_ncols=True) as bar:
-        for result in run_inference(scorer, loader, device, amp_dtype, with_reconstructions=keep_reconstructions):
+        for result in run_inference(scorer, loader, device, amp_dtype, with_reconstructions=keep_reconstructions,
+                                    with_image_maps=keep_image_maps):
             lo = collector.count
             collector.add(result)
             for j, rel_path in enumerate(result.meta["rel_path"]):
                 save_map(out / "anomaly_maps" / f"{output_stem(rel_path)}.npy", result.anomaly_maps[j].numpy())
+            s = result.anomaly_maps.shape[-1]
+            if keep_image_maps:
+                if image_maps is None:
+                    image_maps = np.empty((n, s, s), dtype=np.float32)
+                image_maps[lo:collector.count] = result.image_maps.numpy()
             if keep_reconstructions:
                 if recon_u8 is None:
-                    s = result.anomaly_maps.shape[-1]
                     recon_u8 = np.empty((n, s, s, 3), dtype=np.uint8)
                 for j in range(result.scores.shape[0]):
                     recon_u8[lo + j] = denormalize(result.reconstructions[j])
             bar.update(result.scores.shape[0])
-    return collector, recon_u8
+    return collector, recon_u8, image_maps
 
 
 def colour_scale(maps: np.ndarray) -> Optional[float]:
@@ -399,27 +450,61 @@ def colour_scale(maps: np.ndarray) -> Optional[float]:
     return vmax if vmax > 0 else None
 
 
+@dataclass
+class Heat:
+    """How the pictures draw one map of a run: its name, its colour scale, its threshold."""
+
+    maps: np.ndarray  # [N, S, S]
+    name: str
+    vmax: Optional[float]  # one scale for the whole run
+    threshold: Optional[float]
+
+
+def heat_scales(scorer: AnomalyScorer, collector: ScoreCollector, image_maps: Optional[np.ndarray],
+                threshold: Optional[Threshold]) -> tuple[Heat, Optional[Heat]]:
+    """The verdict's map (the image-level map) and, when it is another map, the pixel-level map.
+
+    Calibrated: each on 0 .. 2x its threshold (the threshold mid-scale, as score_normalized puts it at
+    0.5), the same for every image; otherwise one scale for the whole run from all its maps."""
+    def top(maps: np.ndarray, t: Optional[float]) -> Optional[float]:
+        return 2 * t if t is not None and t > 0 else colour_scale(maps)
+
+    pixel_name, image_name = str(scorer.pixel_level.spec), str(scorer.image_level.spec)
+    if image_maps is None:  # the same map: one panel, judged by the image threshold
+        return Heat(collector.maps, f"map {image_name} (verdict)", top(collector.maps, threshold and threshold.image),
+                    threshold and threshold.image), None
+    image = Heat(image_maps, f"image map {image_name}, sigma {scorer.image_smoothing.sigma:g} (verdict)",
+                 top(image_maps, threshold and threshold.image), threshold and threshold.image)
+    pixel = Heat(collector.maps, f"pixel map {pixel_name}, sigma {scorer.smoothing.sigma:g} (localisation)",
+                 top(collector.maps, threshold and threshold.pixel), threshold and threshold.pixel)
+    return image, pixel
+
+
 def write_overlays(out: Path, dataset: TestDataset, collector: ScoreCollector, recon_u8: np.ndarray,
-                   vmax: Optional[float], threshold: Optional[Threshold]) -> None:
+                   images: list[ScoredImage], image: Heat, pixel: Optional[Heat]) -> None:
     with tqdm(total=collector.count, unit="img", desc="overlays", dynamic_ncols=True) as bar:
         for k, index in enumerate(collector.indices):
             item = dataset[int(index)]
             gt = item["mask"] if item["label"] == 1 and item["has_mask"] else None
-            save_overlay(out / "overlays" / f"{output_stem(item['rel_path'])}.png", item["image"], recon_u8[k],
-                         collector.maps[k], float(collector.scores[k]), gt_mask=gt, vmax=vmax,
-                         title=item["rel_path"], verdict=verdict(float(collector.scores[k]), threshold))
+            second = HeatPanel(pixel.maps[k], pixel.name, pixel.vmax, pixel.threshold) if pixel else None
+            save_overlay(out / images[k].overlay, item["image"], recon_u8[k], image.maps[k], images[k].score,
+                         gt_mask=gt, vmax=image.vmax, title=item["rel_path"],
+                         verdict=verdict_word(images[k].pred_label) if images[k].pred_label is not None else None,
+                         normalized=images[k].score_normalized, map_name=image.name, threshold=image.threshold,
+                         pixel_panel=second)
             bar.update(1)
 
 
-def write_summary(path: Path, dataset: TestDataset, collector: ScoreCollector, vmax: Optional[float]) -> None:
-    """The likely failures: highest-scoring good and lowest-scoring anomalous images."""
+def write_summary(path: Path, dataset: TestDataset, collector: ScoreCollector, image: Heat) -> None:
+    """The likely failures: highest-scoring good and lowest-scoring anomalous images, on the verdict's map."""
     order = np.argsort(collector.scores, kind="stable")
     good = [k for k in order[::-1] if collector.labels[k] == 0][:SUMMARY_PER_GROUP]
     bad = [k for k in order if collector.labels[k] == 1][:SUMMARY_PER_GROUP]
-    items = [{"image": denormalize(dataset[int(collector.indices[k])]["image"]), "anomaly_map": collector.maps[k],
+    items = [{"image": denormalize(dataset[int(collector.indices[k])]["image"]), "anomaly_map": image.maps[k],
               "score": float(collector.scores[k]), "label": int(collector.labels[k]),
               "rel_path": collector.rel_paths[k]} for k in good + bad]
-    save_summary(path, items, max_per_group=SUMMARY_PER_GROUP, vmax=vmax)
+    save_summary(path, items, max_per_group=SUMMARY_PER_GROUP, vmax=image.vmax, threshold=image.threshold,
+                 map_name=image.name.split(" (")[0])
 
 
 def upsample_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -515,16 +600,29 @@ def resolved_options(args: argparse.Namespace, device: torch.device, amp_dtype: 
     return options
 
 
+# metrics.json's explanations of the keys a reader could take for something else.
+METRIC_NOTES = {
+    "threshold": "the decision threshold: learnt from held-out normal images only (threshold.image on the image "
+                 "score, threshold.pixel on the pixel map); pred_label and the image_precision/recall/f1 keys use "
+                 "it. Deploy this one.",
+    "image_f1_threshold": "the image-score threshold with the best F1 on THESE test labels (image_f1_max): an "
+                          "oracle that has seen the answers, for comparison with published numbers only; never "
+                          "deploy it.",
+    "per_defect": "image AUROC of each defect type against all good images (also per_defect_image_auroc).",
+}
+
+
 def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, data_path: str, eval_size: str,
-                  vmax: Optional[float], threshold: Optional[Threshold], scoring: dict[str, Any],
-                  seconds_per_image: float) -> list[str]:
-    """metrics.json, roc.png and summary.png of a labelled run; returns the console lines."""
+                  image: Heat, threshold: Optional[Threshold], scoring: dict[str, Any],
+                  seconds_per_image: float) -> tuple[dict[str, Any], list[str]]:
+    """metrics.json, roc.png and summary.png of a labelled run; returns the metrics and the console lines."""
     if eval_size == "full":
         maps_full, masks_full = full_resolution_arrays(dataset, collector)
         metrics = collector.metrics(maps_full, masks_full)
         del maps_full, masks_full
     else:
         metrics = collector.metrics()
+    metrics["per_defect_image_auroc"] = metrics["per_defect"]
     metrics["eval_size"] = eval_size
     metrics["scoring"] = scoring
     metrics["score_seconds_per_image"] = seconds_per_image  # the scoring pass (model, maps written)
@@ -532,23 +630,25 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
         at = threshold_metrics(collector.scores, collector.labels, threshold.image)
         metrics.update({f"image_{k}": v for k, v in at.items()})
         metrics["threshold"] = threshold.to_dict()
+    metrics["notes"] = {k: v for k, v in METRIC_NOTES.items() if k in metrics}
     save_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     lines = ["", format_metrics_table(metrics)] + report_pixel_notes(metrics, data_path)
     if threshold is not None:
-        lines.append(f"at the held-out threshold {threshold.image:.4g} (quantile {threshold.image_quantile:g} of "
-                     f"{threshold.n_images} normal images): precision {metrics['image_precision']:.3f}, recall "
-                     f"{metrics['image_recall']:.3f}, F1 {metrics['image_f1']:.3f}")
+        lines.append(f"at the learnt threshold {threshold.image:.4g} (quantile {threshold.image_quantile:g} of "
+                     f"{threshold.n_images} held-out normal images): precision {metrics['image_precision']:.3f}, "
+                     f"recall {metrics['image_recall']:.3f}, F1 {metrics['image_f1']:.3f}")
     if metrics["image_auroc"] is not None:
         save_roc(out / "roc.png", collector.scores, collector.labels, metrics["image_auroc"])
     else:
         lines.append("note: the split has only one class: no ROC curve (roc.png not written)")
-    write_summary(out / "summary.png", dataset, collector, vmax)
-    return lines
+    write_summary(out / "summary.png", dataset, collector, image)
+    return metrics, lines
 
 
-def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float], masks: bool,
+def output_lines(out: Path, labelled: bool, overlays: bool, image: Heat, masks: bool,
                  tiff_dir: Optional[Path]) -> list[str]:
-    lines = ["", f"anomaly maps: {out / 'anomaly_maps'}", f"scores:       {out / 'scores.csv'}"]
+    lines = ["", f"report:       {out / REPORT_NAME}", f"anomaly maps: {out / 'anomaly_maps'}",
+             f"scores:       {out / 'scores.csv'}", f"not scored:   {out / 'skipped.csv'}"]
     if masks:
         lines.append(f"masks:        {out / 'masks'}")
     if tiff_dir is not None:
@@ -556,8 +656,22 @@ def output_lines(out: Path, labelled: bool, overlays: bool, vmax: Optional[float
     if labelled:
         lines += [f"metrics:      {out / 'metrics.json'}", f"summary:      {out / 'summary.png'}"]
     if overlays:
-        lines.append(f"overlays:     {out / 'overlays'}" + (f" (colour scale 0 - {vmax:.3g})" if vmax else ""))
+        lines.append(f"overlays:     {out / 'overlays'}" +
+                     (f" (colour scale 0 - {image.vmax:.3g} for every image)" if image.vmax else ""))
     return lines
+
+
+def output_names(out: Path, tiff_files: Optional[list[Path]]) -> list[str]:
+    """What --overwrite may delete in OUT: OUTPUTS and the top folders of --save_tiff's files inside OUT."""
+    names = list(OUTPUTS)
+    root = out.resolve()
+    for path in tiff_files or []:
+        resolved = path.resolve()
+        if root in resolved.parents:
+            top = resolved.relative_to(root).parts[0]
+            if top not in names:
+                names.append(top)
+    return names
 
 
 def tiff_category_dir(save_tiff: Optional[str], data_path: Optional[str], output_dir: str) -> Optional[Path]:
@@ -575,21 +689,18 @@ def scoring_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ScoringOptions().to_dict()}
 
 
-def pass_fail_lines(collector: ScoreCollector, threshold: Optional[Threshold]) -> list[str]:
-    """One line per image for unlabelled runs: FAIL (anomalous) or PASS, score, normalised score."""
-    if threshold is None:
-        return ["note: no threshold (uncalibrated checkpoint): scores only, no pass/fail"]
-    normalized = normalized_scores(collector.scores, threshold)
-    return [f"{'FAIL' if s >= threshold.image else 'PASS'}  {n:.3f}  {s:.5g}  {p}"
-            for p, s, n in zip(collector.rel_paths, collector.scores, normalized)]
+def threshold_line(threshold: Optional[Threshold]) -> str:
+    return threshold_text(threshold and threshold.image, threshold and threshold.n_images,
+                          threshold and threshold.image_quantile)
 
 
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
-    items = build_items(args.data_path, args.images, args.split, args.output_dir)
+    items, skipped = build_items(args.data_path, args.images, args.split, args.output_dir)
     tiff_dir = tiff_category_dir(args.save_tiff, args.data_path, args.output_dir)
     tiff_files = tiff_paths(items, tiff_dir) if tiff_dir is not None else None
+    check_output_dir(args.output_dir, args.overwrite)  # before the slow model and data
     scorer, threshold, train_args, scoring_record = load_scoring(
         args.checkpoint, args.pretrained, args.holdout_root or args.data_path, device, amp_dtype, **scoring_flags(args))
     if args.save_masks and threshold is None:
@@ -599,43 +710,57 @@ def main(args: argparse.Namespace) -> int:
         # Autocast would cast every (merged, frozen) weight at every call; store them cast once.
         cast_frozen_weights(scorer.model, amp_dtype)
     dataset = TestDataset(items, scorer.model.img_size)
+    skipped = sorted(skipped + [Skipped(item.rel_path, reason) for item, reason in dataset.unreadable],
+                     key=lambda s: s.path)
+    if dataset.non_square:
+        warn(squash_note(dataset.non_square, len(dataset), scorer.model.img_size))
     loader = build_loader(dataset, args.batch_size, args.num_workers, device)
-    out = prepare_output_dir(args.output_dir)
+    out = prepare_output_dir(args.output_dir, args.overwrite, output_names(Path(args.output_dir), tiff_files))
     options = resolved_options(args, device, amp_dtype, train_args, len(dataset))
     used = scoring_record["options"]
     scoring = {"pixel_map": str(scorer.pixel_level.spec), "image_map": str(scorer.image_level.spec)}
     options.update(used, **scoring, threshold=threshold.to_dict() if threshold else None)
     save_text(out / "args.json", json.dumps(options, indent=2, default=str) + "\n")
 
+    labelled = args.data_path is not None
     start = time.perf_counter()
-    collector, recon_u8 = score_dataset(scorer, loader, device, amp_dtype, out,
-                                        keep_reconstructions=not args.no_overlays)
+    collector, recon_u8, image_maps = score_dataset(
+        scorer, loader, device, amp_dtype, out, keep_reconstructions=not args.no_overlays,
+        keep_image_maps=(labelled or not args.no_overlays) and not same_maps(scorer))
     elapsed = time.perf_counter() - start
     save_text(out / "scores.csv", scores_csv(collector, threshold))
+    save_text(out / "skipped.csv", skipped_csv(skipped))
     if args.save_masks:
         save_masks(out, collector, threshold.pixel)
+    images = scored_images(collector, threshold, overlays=recon_u8 is not None)
     lines = [f"scored {collector.count} images in {elapsed:.1f} s ({elapsed / collector.count:.3f} s/image) "
              f"on {device}, amp {amp_name(amp_dtype)}"]
-    # The colour scale: twice the pixel threshold (the threshold mid-scale, as score_normalized puts it
-    # at 0.5) when calibrated; otherwise one scale for the whole run, which needs every map first.
-    vmax = 2 * threshold.pixel if threshold is not None and threshold.pixel > 0 else colour_scale(collector.maps)
-    labelled = args.data_path is not None
+    image, pixel = heat_scales(scorer, collector, image_maps, threshold)
     if tiff_files is not None:
         # dataset.items drops unreadable images; their TIFF names are looked up by path
         by_path = {it.path: f for it, f in zip(items, tiff_files)}
         write_tiffs(dataset, collector, [by_path[it.path] for it in dataset.items])
+    metrics = None
     if labelled:
-        lines += write_metrics(out, dataset, collector, args.data_path, args.eval_size, vmax, threshold,
-                               {**{k: used[k] for k in ("score", "topk_fraction", "sigma", "image_sigma", "num_masks",
-                                                        "mask_pattern")}, **scoring,
-                                "recipe_source": scoring_record["source"],
-                                "overridden_by_flags": scoring_record["overridden_by_flags"],
-                                "choice": scoring_record["choice"]}, elapsed / collector.count)
+        metrics, metric_lines = write_metrics(
+            out, dataset, collector, args.data_path, args.eval_size, image, threshold,
+            {**{k: used[k] for k in ("score", "topk_fraction", "sigma", "image_sigma", "num_masks", "mask_pattern")},
+             **scoring, "recipe_source": scoring_record["source"],
+             "overridden_by_flags": scoring_record["overridden_by_flags"], "choice": scoring_record["choice"]},
+            elapsed / collector.count)
+        lines += metric_lines + ["", f"threshold: {threshold_line(threshold)}"]
     else:
-        lines += pass_fail_lines(collector, threshold)
+        lines += [""] + console_lines(images, threshold_line(threshold))
     if recon_u8 is not None:
-        write_overlays(out, dataset, collector, recon_u8, vmax, threshold)
-    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, vmax, args.save_masks, tiff_dir)),
+        write_overlays(out, dataset, collector, recon_u8, images, image, pixel)
+    pictures = [name for name in ("summary.png", "roc.png") if labelled and (out / name).is_file()]
+    save_text(out / REPORT_NAME, render_report(
+        "MAE-AD report", f"{'--data_path' if labelled else '--images'} {args.data_path or args.images}; checkpoint "
+        f"{args.checkpoint}; image map {scoring['image_map']}, pixel map {scoring['pixel_map']}",
+        images, skipped, threshold_line(threshold), metrics, pictures,
+        ["scores.csv", "skipped.csv"] + (["metrics.json"] if labelled else [])))
+    lines.append(count_line(images, skipped, out / "skipped.csv"))
+    print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, image, args.save_masks, tiff_dir)),
           flush=True)
     return 0
 

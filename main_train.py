@@ -28,7 +28,7 @@ from models_mae import MODELS, AnomalyScorer, create_model
 from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibration
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
-from util.cli import UserError, run_cli, warn
+from util.cli import DefaultsHelpFormatter, UserError, run_cli, warn
 from util.datasets import TestDataset, TrainDataset, find_test_items, holdout_names
 from util.logger import RunLogger
 from util.masks import make_inference_masks
@@ -49,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Train a LoRA-adapted MAE for anomaly detection on one category (single process or torchrun).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="category folder with train/good/ (and test/ for --eval_every)")
     g.add_argument("--input_size", default=224, type=int, help="image size in pixels; a multiple of 7 (the patch size)")
@@ -97,9 +97,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="../output_dir", help="checkpoints, log.txt and args.json go here")
+    g.add_argument("--output_dir", default="output_dir",
+                   help="checkpoints, log.txt and args.json go here (default: output_dir, in the current folder)")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder; default: --output_dir")
-    g.add_argument("--resume", default="", help="checkpoint to continue from; 'auto' = OUTPUT_DIR/checkpoint-last.pth if it exists")
+    g.add_argument("--resume", default="", help="checkpoint to continue from; 'auto' = OUTPUT_DIR/checkpoint-last.pth "
+                                                "if it exists (default: start afresh)")
     g.add_argument("--start_epoch", default=0, type=int, help="first epoch (ignored with --resume)")
     g.add_argument("--save_every", default=200, type=int,
                    help="write checkpoint-<epoch>.pth every N epochs (and checkpoint-last.pth; always at the end); 0 = end only")

@@ -316,6 +316,7 @@ class AnomalyOutput(NamedTuple):
     scores: torch.Tensor  # [N], image anomaly scores (reduced from the image-level map)
     anomaly_maps: torch.Tensor  # [N, H, W], the pixel-level map
     reconstructions: torch.Tensor  # [N, C, H, W], in the model's (normalised) input space
+    image_maps: torch.Tensor  # [N, H, W], the image-level map the scores are reduced from
 
 
 class CalibratedMap(nn.Module):
@@ -409,7 +410,7 @@ class AnomalyScorer(nn.Module):
             anomaly_maps = self.pixel_level({e: self.smoothing(maps[e]) for e in pixel_errors})
             image_maps = self.image_level({e: self.image_smoothing(maps[e]) for e in image_errors})
             scores = image_scores(image_maps, self.score, self.topk_fraction)
-        return AnomalyOutput(scores, anomaly_maps, reconstructions)
+        return AnomalyOutput(scores, anomaly_maps, reconstructions, image_maps)
 
 
 # ---- factories: numbers only ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Speed benchmark: the project's default fast path against a naive fp32 baseline, in ONE run.
 
-    python scripts/benchmark.py --model mae_vit_large_patch7 --input_size 224 --batch_size 2 --json out.json
+    python scripts/benchmark.py --model mae_vit_large_patch7 --input_size 224 --batch_size 2 --output out.json
 
 Measured phases (same model, same weights, same batch of B random images):
 
@@ -72,7 +72,7 @@ import torch  # noqa: E402
 
 from lora_utils import cast_frozen_weights, freeze_non_lora, is_lora_name, lora_layers, merge_lora  # noqa: E402
 from models_mae import MODELS, AnomalyScorer, MaskedAutoencoderViT, create_model  # noqa: E402
-from util.cli import UserError, run_cli  # noqa: E402
+from util.cli import DefaultsHelpFormatter, UserError, run_cli  # noqa: E402
 from util.masks import MASK_PATTERNS, make_inference_masks  # noqa: E402
 from util.misc import autocast, bf16_supported, resolve_amp, resolve_device  # noqa: E402
 from util.smoothing import GaussianSmoothing  # noqa: E402
@@ -85,17 +85,19 @@ TARGET_MODEL, TARGET_SIZE = "mae_vit_large_patch7", 224
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        "benchmark.py",
         description="Benchmark the default fast path (bf16 where supported, merged LoRA, all masks in one "
                     "batch, fused attention and AdamW) against a naive fp32 per-mask baseline, for inference "
-                    "and for a training step, in one run. Prints a table; --json writes the numbers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "and for a training step, in one run. Prints a table; --output writes the numbers.",
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="mae_vit_large_patch7", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--input_size", type=int, default=224, help="image side in pixels (a multiple of 7)")
     p.add_argument("--batch_size", type=int, default=2, help="images per inference call and per training step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--steps", type=int, default=3, help="timed steps per path, alternating naive/fast (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path, run alone before the timed ones (memory is measured there)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--output", "--json", default=None, metavar="PATH",
+                   help="also write the results as JSON here")
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank on the attention qkv/proj linears")
     p.add_argument("--num_masks", type=int, default=4, help="K inference views")
     p.add_argument("--mask_pattern", default="grid", choices=MASK_PATTERNS)
@@ -503,10 +505,10 @@ def check_args(args: argparse.Namespace) -> None:
         make_inference_masks(args.input_size // 7, args.num_masks, args.mask_pattern)
     except ValueError as e:
         raise UserError(f"--num_masks {args.num_masks} / --mask_pattern {args.mask_pattern}: {e}") from e
-    if args.json:
-        parent = Path(args.json).resolve().parent
+    if args.output:
+        parent = Path(args.output).resolve().parent
         if not parent.is_dir():
-            raise UserError(f"--json {args.json}: folder {parent} does not exist")
+            raise UserError(f"--output {args.output}: folder {parent} does not exist")
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -649,10 +651,10 @@ def format_table(r: dict) -> str:
 def main(args: argparse.Namespace) -> None:
     result = run_benchmark(args)
     print(format_table(result), flush=True)
-    if args.json:
+    if args.output:
         out = {k: v for k, v in result.items() if not k.endswith("_profile")}
-        write_json_atomic(out, Path(args.json))
-        print(f"wrote {args.json}")
+        write_json_atomic(out, Path(args.output))
+        print(f"wrote {args.output}")
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:

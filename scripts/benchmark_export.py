@@ -1,7 +1,7 @@
 """Deployment engines on the CPU, in ONE run: parity with PyTorch fp32 and speed.
 
     python scripts/benchmark_export.py --data_path /work/data/capsule --models tiny,small,base \
-        --input_size 224 --batch_size 2 --json export_bench.json
+        --input_size 224 --batch_size 2 --output export_bench.json
 
 A sibling of scripts/benchmark.py (it reuses its model builder and its fair timing). Per model
 (random weights with non-zero LoRA adapters, merged, as after training), the default scorer of
@@ -51,7 +51,7 @@ from lora_utils import cast_frozen_weights, merge_lora  # noqa: E402
 from models_mae import MODELS  # noqa: E402
 from scoring import ScoringOptions, build_scorer, holdout_error_maps  # noqa: E402
 from util.calibration import Threshold  # noqa: E402
-from util.cli import UserError, run_cli  # noqa: E402
+from util.cli import DefaultsHelpFormatter, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items, list_images, train_folder  # noqa: E402
 from util.files import write_atomic  # noqa: E402
 from util.misc import autocast, resolve_amp  # noqa: E402
@@ -63,9 +63,9 @@ APPROX_TOLERANCE = 0.02
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Parity and CPU speed of the deployment engines (PyTorch fp32, "
+    p = argparse.ArgumentParser("benchmark_export.py", description="Parity and CPU speed of the deployment engines (PyTorch fp32, "
                                             "the PyTorch fast path, onnxruntime fp32/int8, TorchScript), one run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data_path", required=True, metavar="ROOT", help="category root; its test images are used")
     p.add_argument("--models", default="tiny,small,base",
                    help="comma-separated: tiny, small, base, large, huge (mae_vit_<name>_patch7)")
@@ -79,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", choices=("onnx", "all"), default="onnx",
                    help="onnx: PyTorch fp32/fast and onnxruntime fp32/int8; all: also TorchScript")
     p.add_argument("--opset", type=int, default=export.DEFAULT_OPSET)
-    p.add_argument("--json", metavar="PATH", help="also write the results here")
+    p.add_argument("--output", "--json", metavar="PATH", help="also write the results here (JSON)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -214,9 +214,9 @@ def main(args: argparse.Namespace) -> int:
               "exact_tolerance": {"map_atol": export.PARITY_MAP_ATOL, "score_rtol": export.PARITY_SCORE_RTOL},
               "onnxruntime": __import__("onnxruntime").__version__, "results": results}
     print(format_table(results))
-    if args.json:
-        write_atomic(Path(args.json), lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
-        print(f"wrote {args.json}")
+    if args.output:
+        write_atomic(Path(args.output), lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+        print(f"wrote {args.output}")
     return 0
 
 

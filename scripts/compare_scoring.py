@@ -26,14 +26,15 @@ from models_mae import AnomalyScorer  # noqa: E402
 from scoring import ScoringOptions, calibration_matches, holdout_error_maps, smoothed  # noqa: E402
 from util import calibration  # noqa: E402
 from util.calibration import MAP_CHOICES, MapSpec, fit_level, fit_threshold, image_scores, level_map  # noqa: E402
-from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
+from util.cli import DefaultsHelpFormatter, OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items  # noqa: E402
 from util.metrics import aupro, auroc, pixel_auroc, threshold_metrics  # noqa: E402
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser("compare_scoring", description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser("compare_scoring.py", description=__doc__.split("\n\n")[0],
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a main_train.py checkpoint with held-out images")
     p.add_argument("--data_path", required=True, help="the category root it was trained on (test split scored)")
     p.add_argument("--output", help="write the results as JSON here")

@@ -1,6 +1,6 @@
 """Export a trained category to ONE deployable file: ONNX (onnxruntime) or TorchScript.
 
-    python scripts/export.py --checkpoint CKPT --output capsule.onnx --format onnx [--batch N | --dynamic_batch]
+    python scripts/export.py --checkpoint CKPT --output capsule.onnx --format onnx [--batch_size N | --dynamic_batch]
     python scripts/export.py --checkpoint CKPT --output capsule.pt --format torchscript
 
 The file holds the scorer exactly as main_infer.py scores by default, as one graph: the ImageNet
@@ -63,7 +63,7 @@ REQUIREMENTS_HINT = "pip install -r requirements-export.txt"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
-        "MAE-AD export",
+        "export.py",
         description="Export a trained MAE-AD checkpoint to one ONNX or TorchScript file: uint8 RGB images "
                     "in; score, normalised score, label and anomaly map out; metadata inside the file.")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="onnx", choices=FORMATS,
                         help="onnx (for onnxruntime, no PyTorch needed) or torchscript (default: onnx)")
     batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--batch", type=int, default=1, metavar="N",
+    batch.add_argument("--batch_size", "--batch", dest="batch", type=int, default=1, metavar="N",
                        help="fixed number of images per call (default: 1)")
     batch.add_argument("--dynamic_batch", action="store_true",
                        help="any number of images per call (the batch axis is symbolic)")
@@ -330,7 +330,7 @@ def build_file(module: DeployedScorer, fmt: str, example: torch.Tensor, dynamic_
 def main(args: argparse.Namespace) -> int:
     output = check_output(args.output)
     if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
+        raise UserError(f"--batch_size must be at least 1, got {args.batch}")
     require_packages(args.format)
     opset = check_opset(args.opset) if args.format == "onnx" else None
     scorer, calibrated, train_args, _ = load_scoring(args.checkpoint, args.pretrained)  # fp32, CPU, its defaults

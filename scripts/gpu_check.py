@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
+from util.cli import DefaultsHelpFormatter, OneLineArgumentParser, UserError, run_cli  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(description="GPU check: the large/224 benchmark at GPU batch sizes (eager and "
                                           "torch.compile), host syncs, a 1-process torchrun DDP training, "
                                           "peak memory; writes one JSON. --mode cpu: the tiny version the tests run.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("--mode", choices=list(MODES), default="gpu", help="gpu: one CUDA GPU; cpu: tiny smoke run")
     p.add_argument("--output", default="gpu_check.json", help="the JSON file to write")
     p.add_argument("--budget_s", type=float, default=450.0,

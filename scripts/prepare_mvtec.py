@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn  # noqa: E402
-from util.datasets import (IMG_EXTENSIONS, UnreadableImage, is_image_file, load_mask,  # noqa: E402
+from util.datasets import (COMMON_EXTENSIONS, UnreadableImage, is_image_file, load_mask,  # noqa: E402
                            load_rgb)
 
 # what a category output holds, and what --overwrite removes
@@ -359,7 +359,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                "an image, unreadable images (neither of the last two is copied). Stray non-image "
                "files are ignored with a warning; hidden files (.DS_Store, ._*) silently. "
                f"Image extensions: "
-               f"{', '.join(e[1:] for e in IMG_EXTENSIONS)} (any case). Exit codes: 0 done, "
+               f"{', '.join(e[1:] for e in COMMON_EXTENSIONS)} and every other format Pillow decodes "
+               f"(any case). Exit codes: 0 done, "
                "2 a problem with the input or flags (one line on stderr), 1 a failure while "
                "writing.",
     )

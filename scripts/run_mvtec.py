@@ -1,7 +1,7 @@
 """Train and score every category of an MVTec AD root in one command, with one results table.
 
     python scripts/run_mvtec.py --mvtec_root ROOT --output_dir OUT [--categories all|a,b,c] [--seeds 0,1,2]
-        [--gpus 0,1,2,3 | all] [--nproc_per_node N] [--save_tiff] [--compare]
+        [--gpus 0,1,2,3 | all] [--nproc_per_node N] [--save_tiff] [--compare] [--dry_run] [--overwrite]
         [main_train.py and main_infer.py options under their own names: --model, --epochs, --num_masks ...]
 
 Each category (raw or prepared layout) is trained by main_train.py and scored by main_infer.py, each a
@@ -18,8 +18,11 @@ Layout (with one seed; with several, OUT/seed<k>/<category>/ and OUT/seed<k>/ fo
     OUT/<category>/result.json          written last: the category is done and is skipped on a rerun
     OUT/results.csv, results.md, results.json
 
-A rerun skips categories with a result.json and resumes interrupted training (main_train.py --resume
-auto). Categories run one after the other, or on --gpus from a work queue (one process, or with
+A rerun with the same options skips categories with a result.json and resumes interrupted training
+(main_train.py --resume auto): resuming is not overwriting. OUT must be empty, hold a run of the same
+options (resumed), or be given with --overwrite (an earlier run with other options is deleted: its
+results.*, run_options.json and category folders, nothing else). main_infer.py always runs with
+--overwrite in OUT/<category>: it replaces its own outputs there and keeps train/ and the logs. Categories run one after the other, or on --gpus from a work queue (one process, or with
 --nproc_per_node N one torchrun job of N processes, per GPU group).
 """
 import argparse
@@ -29,6 +32,8 @@ import io
 import json
 import os
 import queue
+import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -59,7 +64,8 @@ REFERENCE_FILE = REPO / "docs" / "REFERENCE_RESULTS.md"
 
 # Options each category gets from the runner, not from the command line.
 TRAIN_PER_CATEGORY = ("data_path", "output_dir", "log_dir", "resume", "start_epoch", "seed")
-INFER_PER_CATEGORY = ("checkpoint", "data_path", "images", "output_dir", "split", "save_tiff", "holdout_root")
+INFER_PER_CATEGORY = ("checkpoint", "data_path", "images", "output_dir", "split", "save_tiff", "holdout_root",
+                      "overwrite")
 # Options that change how a run goes, not what it computes: a rerun may change them.
 NOT_RESULT_OPTIONS = ("num_workers", "pin_mem", "print_freq", "debug", "device", "wandb_name", "compile")
 
@@ -70,8 +76,9 @@ CSV_COLUMNS = ("category", "kind", *(m[0] for m in METRICS), "train_minutes", "s
                "seed")
 RESULT_FILE = "result.json"
 RUNNER_DESTS = ("mvtec_root", "output_dir", "categories", "seeds", "gpus", "nproc_per_node", "save_tiff", "kinds",
-                "compare", "overwrite")
+                "compare", "overwrite", "dry_run")
 ADAPTER_FILE = "adapter.pth"
+DEFAULT_TEXT = re.compile(r"\s*\(default: [^()]*(\([^()]*\)[^()]*)*\)")  # a help text's "(default: ...)"
 
 
 # ---- the parser: the runner's own options + the two scripts' options -----------------------------
@@ -87,6 +94,7 @@ def passed_actions(parser: argparse.ArgumentParser, per_category: tuple[str, ...
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
+        "run_mvtec.py",
         description="Train and score every category of an MVTec AD root (raw or prepared layout): one "
                     "main_train.py + main_infer.py run per category and seed, then results.csv / .md / .json. "
                     "Resumable, one failed category does not stop the others, categories spread over GPUs.",
@@ -113,13 +121,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="results.md also shows the published numbers of docs/REFERENCE_RESULTS.md")
     g.add_argument("--overwrite", action="store_true",
-                   help="OUT holds a run with other options: delete its results and start over")
+                   help="OUT holds a run with other options, or other files: delete that run's results "
+                        "(results.*, run_options.json, its category folders; other files are kept) and start over. "
+                        "Not needed to resume: a rerun with the same options continues where it stopped")
+    g.add_argument("--dry_run", action="store_true",
+                   help="print the plan (categories, kinds, seeds, each main_train.py / main_infer.py command) "
+                        "and exit without writing or running anything")
     taken = {s for a in p._actions for s in a.option_strings}
     parsers = script_parsers()
     train_actions = passed_actions(parsers["train"], TRAIN_PER_CATEGORY)
     infer_actions = passed_actions(parsers["infer"], INFER_PER_CATEGORY)
     infer_flags = {s for a in infer_actions for s in a.option_strings}
     train_flags = {s for a in train_actions for s in a.option_strings}
+    infer_default = {s: a.default for a in infer_actions for s in a.option_strings}
     groups = {"train": p.add_argument_group("main_train.py options (default: main_train.py's)"),
               "both": p.add_argument_group("options of both scripts (default: each script's own)"),
               "infer": p.add_argument_group("main_infer.py options (default: main_infer.py's)")}
@@ -130,7 +144,14 @@ def get_args_parser() -> argparse.ArgumentParser:
             shared = bool(other & set(action.option_strings))
             clone = copy.copy(action)
             default_text = str(action.default).replace("%", "%%")
-            if clone.help and "%(default)s" in clone.help:  # the clone's default is SUPPRESS: spell it out
+            if shared and action.nargs != 0:  # each script keeps its own default: name both
+                default_text = "none" if action.default is None else default_text
+                infer_value = infer_default[action.option_strings[0]]
+                infer_text = "none" if infer_value is None else str(infer_value).replace("%", "%%")
+                both = f"{default_text} in both" if infer_text == default_text else \
+                    f"main_train.py {default_text}, main_infer.py {infer_text}"
+                clone.help = DEFAULT_TEXT.sub("", clone.help or "").rstrip() + f" (default: {both})"
+            elif clone.help and "%(default)s" in clone.help:  # the clone's default is SUPPRESS: spell it out
                 clone.help = clone.help.replace("%(default)s", default_text)
             elif clone.help and action.nargs != 0 and action.default is not None and "default" not in clone.help:
                 clone.help += f" (default: {default_text})"
@@ -296,13 +317,20 @@ def result_options(given: dict[str, Any], parsers: dict[str, argparse.ArgumentPa
     return options
 
 
-def check_output_dir(out: Path, options: dict[str, Any], overwrite: bool) -> None:
-    """Refuse OUT when it holds a run with other options (unless --overwrite, which removes that run)."""
+def check_output_dir(out: Path, options: dict[str, Any], overwrite: bool, dry_run: bool = False) -> str:
+    """Refuse OUT when it holds a run with other options, or files but no run (unless --overwrite,
+    which deletes that run's results and nothing else); returns what happens to OUT, in words.
+    A run with the same options is resumed. With dry_run nothing is deleted."""
     path = out / "run_options.json"
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
     if not path.is_file():
-        return
+        present = sorted(out.iterdir()) if out.is_dir() else []
+        if present and not overwrite:
+            raise UserError(f"--output_dir {out} is not empty and holds no run_mvtec.py run ({len(present)} entries, "
+                            f"e.g. {present[0].name}); choose another folder, or pass --overwrite to write there "
+                            f"(other files are kept)")
+        return f"{out}: a new run" + (" (other files there are kept)" if present else "")
     try:
         old = json.loads(path.read_text())
     except ValueError:
@@ -310,11 +338,14 @@ def check_output_dir(out: Path, options: dict[str, Any], overwrite: bool) -> Non
     old_options = old.get("options", {})
     differ = [k for k in options if old_options.get(k) != options[k]]
     if not differ:
-        return
+        return f"{out}: resumes the run there (same options): finished categories are kept, the others continue"
     if not overwrite:
         shown = "; ".join(f"{k}: {old_options.get(k)} there, {options[k]} now" for k in differ)
         raise UserError(f"--output_dir {out} holds a run with other options ({shown}); use another --output_dir, "
                         f"or --overwrite to delete that run's results")
+    what = f"{out}: deletes the earlier run with other options ({', '.join(differ)}), then a new run"
+    if dry_run:
+        return what
     for name in ("results.csv", "results.md", "results.json", "run_options.json"):
         (out / name).unlink(missing_ok=True)
     old_seeds = old_options.get("seeds") or [0]
@@ -324,6 +355,7 @@ def check_output_dir(out: Path, options: dict[str, Any], overwrite: bool) -> Non
             shutil.rmtree(root / category, ignore_errors=True)
         if root != out:
             shutil.rmtree(root, ignore_errors=True)
+    return what
 
 
 def write_run_options(out: Path, options: dict[str, Any], categories: list[str]) -> None:
@@ -356,8 +388,9 @@ def train_argv(plan: Plan, task: Task) -> list[str]:
 
 
 def infer_argv(plan: Plan, task: Task, checkpoint: Path) -> list[str]:
+    # --overwrite: OUT/<category> also holds train/ and the logs; a scoring rerun replaces its own outputs
     argv = [*plan.infer_tokens, "--checkpoint", str(checkpoint), "--data_path", str(task.data_path),
-            "--output_dir", str(task.run_dir)]
+            "--output_dir", str(task.run_dir), "--overwrite"]
     if plan.save_tiff:
         argv += ["--save_tiff", str(task.tiff_root)]
     return argv
@@ -761,6 +794,10 @@ def build_plan(args: argparse.Namespace, given: dict[str, Any], parsers: dict[st
     train_args = parsers["train"].parse_args([*train_tokens, "--data_path", "."])
     parsers["infer"].parse_args([*infer_tokens, "--checkpoint", "c", "--data_path", ".", "--output_dir", "."])
     main_train.validate_args(train_args)
+    # Inputs every category reads: a missing one fails here, not in each category after decoding its images.
+    if train_args.pretrained and not Path(train_args.pretrained).is_file():
+        raise UserError(f"--pretrained {train_args.pretrained} does not exist; pass the weights file to start from "
+                        f"(weights/*.pth, an official MAE checkpoint), or leave --pretrained out")
     if args.gpus and given.get("device", "auto") not in ("auto", "cuda"):
         raise UserError(f"--device {given['device']} with --gpus: leave --device out; each worker sees only its GPUs")
     return Plan(train_tokens, infer_tokens, args.nproc_per_node, args.save_tiff,
@@ -768,6 +805,24 @@ def build_plan(args: argparse.Namespace, given: dict[str, Any], parsers: dict[st
                 wandb_name=given.get("wandb_name"), echo=workers == 1,
                 # several processes each using every core would spin against each other
                 threads=max(1, (os.cpu_count() or 1) // (workers * args.nproc_per_node)) if workers > 1 else None)
+
+
+def plan_lines(tasks: list[Task], kinds: dict[str, str], plan: Plan, slots: list[Optional[str]],
+               folder: str) -> list[str]:
+    """--dry_run: what a run would do, and each category's two commands (the checkpoint main_infer.py
+    gets is the one training leaves: checkpoint-last.pth, or the adapter with --freeze_non_lora)."""
+    where = ", ".join(f"GPUs {s}" for s in slots) if slots != [None] else "one category at a time"
+    lines = ["dry run: nothing is written or run", f"output: {folder}", f"workers: {where}",
+             f"{len(tasks)} run(s):"]
+    for task in tasks:
+        done = (task.run_dir / RESULT_FILE).is_file()
+        checkpoint = task.run_dir / "train" / (ADAPTER_FILE if plan.adapter_only else "checkpoint-last.pth")
+        lines += [f"  {task.category} ({kinds[task.category]}), seed {task.seed}: "
+                  f"{'finished, kept' if done else 'train, then score'}"]
+        if not done:
+            lines += [f"    {shlex.join(train_command(train_argv(plan, task), plan.nproc))}",
+                      f"    {shlex.join([sys.executable, str(REPO / 'main_infer.py'), *infer_argv(plan, task, checkpoint)])}"]
+    return lines
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
@@ -786,7 +841,10 @@ def main(args: argparse.Namespace) -> int:
     slots = gpu_slots(args.gpus, args.nproc_per_node)
     plan = build_plan(args, given, parsers, len(slots))
     options = result_options(given, parsers, args.nproc_per_node, seeds, args.save_tiff)
-    check_output_dir(out, options, args.overwrite)
+    folder = check_output_dir(out, options, args.overwrite, dry_run=args.dry_run)
+    if args.dry_run:
+        print("\n".join(plan_lines(make_tasks(categories, seeds, out), kinds, plan, slots, folder)))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     write_run_options(out, options, list(categories))
     info = {"run_mvtec_options": {dest: getattr(args, dest) for dest in RUNNER_DESTS}, "script_options": given,

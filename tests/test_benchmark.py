@@ -190,4 +190,4 @@ def test_profile_categories():
 
 def test_help_explains_the_comparison():
     text = benchmark.get_args_parser().format_help()
-    assert "naive" in text and "--json" in text and "--compile" in text
+    assert "naive" in text and "--output" in text and "--compile" in text

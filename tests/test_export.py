@@ -180,7 +180,7 @@ def test_torchscript_matches_pytorch_at_any_batch(calibrated_checkpoint, calibra
 
 @pytest.mark.slow
 def test_predictor_writes_main_infers_outputs_without_torch(onnx_calibrated, calibrated_checkpoint,
-                                                            synthetic_category, tmp_path):
+                                                            synthetic_category, tmp_path, capsys):
     """main_infer.py --images (fp32) and predict_onnx.py (torch unimportable) on the same folder of
     64-px images (resized to 56): same paths, scores, normalised scores, labels, maps."""
     model = onnx_calibrated
@@ -189,12 +189,23 @@ def test_predictor_writes_main_infers_outputs_without_torch(onnx_calibrated, cal
     args = main_infer.get_args_parser().parse_args(
         ["--checkpoint", str(calibrated_checkpoint), "--images", str(images), "--output_dir", str(infer_out),
          "--amp", "none", "--num_workers", "0", "--no_overlays"])
+    capsys.readouterr()
     assert run_cli(main_infer.main, args) == 0
+    infer_stdout = capsys.readouterr().out
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(ROOT / "scripts" / "predict_onnx.py"),
-                           "--model", str(model), "--images", str(images), "--output_dir", str(onnx_out),
-                           "--batch_size", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--onnx", str(model), "--images", str(images), "--output_dir", str(onnx_out),
+                           "--batch_size", "3", "--no_overlays"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert f"are not {SIZE}x{SIZE} px; resized" in proc.stderr
+    assert "not square" not in proc.stderr  # 64-px squares are resized to 56 without a note
+    # the same threshold line, header and per-image lines (verdict, score, normalised score, path)
+    def verdict_lines(stdout):
+        start = stdout.splitlines().index(next(line for line in stdout.splitlines() if line.startswith("threshold:")))
+        return stdout.splitlines()[start:start + 2 + len(rows)]
+    with open(infer_out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert verdict_lines(proc.stdout) == verdict_lines(infer_stdout)
+    assert verdict_lines(proc.stdout)[1].split() == ["verdict", "score", "normalised", "path"]
     with open(infer_out / "scores.csv", newline="") as f:
         expected = list(csv.DictReader(f))
     with open(onnx_out / "scores.csv", newline="") as f:
@@ -298,18 +309,19 @@ def test_predictor_reads_images_as_main_infer_does(tmp_path):
     save_image(random_rgb(30, 20, seed=1), tmp_path / "a.png")
     save_image(random_rgb(56, 56, seed=2)[..., 0], tmp_path / "gray.png")
     Image.fromarray(random_rgb(40, 40, seed=3)).convert("RGBA").save(tmp_path / "rgba.png")
-    rel, pixels, resized = predict_onnx.decode(predict_onnx.find_images(tmp_path), SIZE)
+    rel, pixels, non_square, skipped = predict_onnx.decode(predict_onnx.find_images(tmp_path), SIZE)
     dataset = TestDataset(unlabelled_items(tmp_path), SIZE)
     assert rel == [it.rel_path for it in dataset.items] == ["a.png", "gray.png", "rgba.png"]
-    assert resized == 2
+    assert non_square == dataset.non_square == [("a.png", (20, 30))] and skipped == []
     assert np.array_equal(pixels, dataset.images.permute(0, 2, 3, 1).numpy())
 
 
 def test_predictor_skips_unreadable_images_and_refuses_clashing_names(tmp_path, capsys):
     save_image(random_rgb(), tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
-    rel, pixels, _ = predict_onnx.decode(predict_onnx.find_images(tmp_path), SIZE)
+    rel, pixels, _, skipped = predict_onnx.decode(predict_onnx.find_images(tmp_path), SIZE)
     assert rel == ["a.png"] and pixels.shape == (1, SIZE, SIZE, 3)
+    assert [(s.path, s.reason.startswith("cannot read image")) for s in skipped] == [("broken.png", True)]
     assert "skipping" in capsys.readouterr().err
     save_image(random_rgb(), tmp_path / "a.jpg")
     with pytest.raises(predict_onnx.UserError, match="would share the output name a.npy"):

@@ -79,13 +79,13 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def labelled_run(synthetic_category, checkpoint, tmp_path_factory):
-    """One labelled run into an OUT that already holds an unrelated file."""
+    """One labelled run with --overwrite into an OUT that holds an earlier run's map and an unrelated file."""
     out = tmp_path_factory.mktemp("infer") / "out"
     (out / "anomaly_maps").mkdir(parents=True)
     (out / "notes.txt").write_text("keep me")
-    (out / "anomaly_maps" / "old.npy").write_bytes(b"not ours")
+    (out / "anomaly_maps" / "old.npy").write_bytes(b"an earlier run's")
     proc = _run("--checkpoint", checkpoint, "--data_path", synthetic_category, "--output_dir", out,
-                "--amp", "none", "--num_workers", "0", "--batch_size", "5", "--sigma", "2")
+                "--amp", "none", "--num_workers", "0", "--batch_size", "5", "--sigma", "2", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -94,10 +94,10 @@ def labelled_run(synthetic_category, checkpoint, tmp_path_factory):
 def test_labelled_run_writes_every_promised_file(synthetic_category, labelled_run):
     out, proc = labelled_run
     items = find_test_items(synthetic_category)
-    for name in ("scores.csv", "metrics.json", "roc.png", "summary.png", "args.json"):
+    for name in ("scores.csv", "skipped.csv", "report.html", "metrics.json", "roc.png", "summary.png", "args.json"):
         assert (out / name).is_file(), name
-    assert (out / "notes.txt").read_text() == "keep me"  # nothing else touched
-    assert (out / "anomaly_maps" / "old.npy").read_bytes() == b"not ours"
+    assert (out / "notes.txt").read_text() == "keep me"  # not ours: kept
+    assert not (out / "anomaly_maps" / "old.npy").exists()  # --overwrite emptied our folder first
     assert not list(out.rglob("*.tmp"))  # no temporary left behind
     for item in items:
         stem = Path(item.rel_path).with_suffix("")
@@ -139,6 +139,8 @@ def test_labelled_metrics_match_a_recomputation_from_the_dumped_maps(synthetic_c
         assert metrics[key] == pytest.approx(expected[key]), key
     assert metrics["pixel_auroc"] is not None and metrics["aupro"] is not None
     assert metrics["per_defect"] == pytest.approx(expected["per_defect"])
+    assert metrics["per_defect_image_auroc"] == metrics["per_defect"]
+    assert "never deploy" in metrics["notes"]["image_f1_threshold"] and "per_defect" in metrics["notes"]
     assert set(metrics["per_defect"]) == {"crack", "poke", "scratch", "faulty_imprint", "squeeze"}
     assert metrics["n_images"] == len(items) == 14 and metrics["n_anomalous"] == 10
 
@@ -201,6 +203,10 @@ def test_images_folder_and_single_file(synthetic_category, checkpoint, tmp_path,
     proc = _run("--checkpoint", checkpoint, "--images", folder, "--output_dir", out, "--num_workers", "0")
     assert proc.returncode == 0, proc.stderr
     assert "broken.png" in proc.stderr
+    header, rows = _read_csv(out / "skipped.csv")
+    assert header == ["path", "reason"] and [r["path"] for r in rows] == ["b/broken.png"]
+    assert rows[0]["reason"].startswith("cannot read image")
+    assert "1 file not scored" in proc.stdout
     header, rows = _read_csv(out / "scores.csv")
     assert header == ["path", "label", "defect", "score", "score_normalized", "pred_label"]
     assert sorted(r["path"] for r in rows) == ["a/000.png", "a/001.png", "b/g.png"]
@@ -290,8 +296,8 @@ def test_output_dir_inside_the_images_folder_is_not_scored(synthetic_category, c
     shutil.copytree(synthetic_category / "test" / "poke", folder)
     out = folder / "out"
     args = ("--checkpoint", checkpoint, "--images", folder, "--output_dir", out, "--num_workers", "0")
-    for _ in range(2):  # the second run sees the first run's overlays under OUT and leaves them out
-        proc = _run_in_process(capsys, *args)
+    for again in ((), ("--overwrite",)):  # the second run sees the first run's overlays under OUT and leaves them out
+        proc = _run_in_process(capsys, *args, *again)
         assert proc.returncode == 0, proc.stderr
     _, rows = _read_csv(out / "scores.csv")
     assert [r["path"] for r in rows] == ["000.png", "001.png"]

@@ -217,12 +217,14 @@ def test_every_script_option_passes_through_and_parses_with_the_scripts_parsers(
     assert "--num_masks" in parser.format_help() and "%(default)" not in parser.format_help()  # --help works
     parsers = run_mvtec.script_parsers()
     runner_flags = {s for a in parser._actions for s in a.option_strings}
+    base = tmp_path / "base.pth"
+    base.write_bytes(b"checked up front: it must exist")
     for name, per_category in (("train", run_mvtec.TRAIN_PER_CATEGORY), ("infer", run_mvtec.INFER_PER_CATEGORY)):
         for action in run_mvtec.passed_actions(parsers[name], per_category):
             assert set(action.option_strings) <= runner_flags, action.option_strings
     argv = ["--mvtec_root", "R", "--output_dir", "O", "--model", "mae_vit_small_patch7", "--input_size", "56",
             "--epochs", "3", "--lr", "0.00015", "--no_pin_mem", "--norm_pix_loss", "--lora_targets", "qkv,fc1",
-            "--batch_size", "3", "--amp", "none", "--pretrained", "base.pth", "--num_masks", "2",
+            "--batch_size", "3", "--amp", "none", "--pretrained", str(base), "--num_masks", "2",
             "--mask_pattern", "checkerboard", "--sigma", "2.5", "--no_overlays", "--eval_size", "full",
             "--wandb_name", "exp"]
     args = parser.parse_args(argv)
@@ -234,11 +236,12 @@ def test_every_script_option_passes_through_and_parses_with_the_scripts_parsers(
     assert (train.model, train.input_size, train.epochs, train.lr, train.pin_mem, train.norm_pix_loss) == \
         ("mae_vit_small_patch7", 56, 3, 0.00015, False, True)
     assert (train.batch_size, train.amp, train.pretrained, train.seed, train.resume) == \
-        (3, "none", "base.pth", 7, "auto")
+        (3, "none", str(base), 7, "auto")
     assert train.wandb_name == "exp-cat-seed7" and train.output_dir == str(task.run_dir / "train")
     assert (infer.batch_size, infer.amp, infer.pretrained, infer.num_masks, infer.mask_pattern, infer.sigma) == \
-        (3, "none", "base.pth", 2, "checkerboard", 2.5)
+        (3, "none", str(base), 2, "checkerboard", 2.5)
     assert infer.no_overlays and infer.eval_size == "full" and infer.save_tiff is None
+    assert infer.overwrite  # OUT/<category> holds train/ and the logs too
     assert infer.output_dir == str(task.run_dir) and infer.checkpoint == str(tmp_path / "ck.pth")
     # options not given keep the scripts' own defaults (train batch 32, inference batch 8)
     bare = parser.parse_args(["--mvtec_root", "R", "--output_dir", "O"])
@@ -263,6 +266,7 @@ def test_bad_inputs_are_one_line_errors(mvtec_root, tmp_path):
         (["--mvtec_root", str(mvtec_root), "--seeds", "a"], "--seeds"),
         (["--mvtec_root", str(mvtec_root), "--kinds", "capsule=round"], "--kinds"),
         (["--mvtec_root", str(mvtec_root), "--input_size", "30"], "multiple of 7"),
+        (["--mvtec_root", str(mvtec_root), "--pretrained", str(tmp_path / "gone.pth")], "--pretrained"),
     ]
     for argv, expected in cases:
         with pytest.raises(UserError) as e:
@@ -285,6 +289,31 @@ def test_output_dir_of_another_run_is_refused_unless_overwrite(mvtec_root, tmp_p
     new = run_mvtec.result_options({"epochs": 3}, parsers, 1, [0], False)
     run_mvtec.check_output_dir(out, new, overwrite=True)
     assert not (out / "capsule").exists() and not (out / "results.md").exists()
+
+
+def test_output_dir_with_other_files_is_refused_unless_overwrite(mvtec_root, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty.*--overwrite"):
+        _main("--mvtec_root", str(mvtec_root), "--output_dir", str(out))
+    assert "a new run" in run_mvtec.check_output_dir(out, {}, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(mvtec_root, tmp_path, monkeypatch, capsys):
+    def no_run(*args, **kwargs):
+        raise AssertionError("--dry_run started a subprocess")
+    monkeypatch.setattr(run_mvtec, "run_stage", no_run)
+    out = tmp_path / "out"
+    assert _main("--mvtec_root", str(mvtec_root), "--output_dir", str(out), "--categories", "capsule,texture_synth",
+                 "--seeds", "0,1", "--epochs", "3", "--dry_run") == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    assert "dry run" in printed and "4 run(s)" in printed
+    assert "capsule (object), seed 1" in printed and "texture_synth (texture), seed 0" in printed
+    commands = [line.split() for line in printed.splitlines() if "main_train.py" in line or "main_infer.py" in line]
+    assert len(commands) == 8 and all("--epochs" in c and "3" in c for c in commands if "main_train.py" in c[1])
 
 
 def test_save_tiff_needs_a_labelled_category(tmp_path):

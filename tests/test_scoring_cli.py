@@ -90,14 +90,14 @@ def test_threshold_ignores_test_labels_and_outputs_agree_with_it(synthetic_categ
 
 
 @pytest.mark.slow
-def test_images_mode_prints_pass_or_fail(synthetic_category, holdout_checkpoint, tmp_path, capsys):
+def test_images_mode_prints_the_verdict_of_each_image(synthetic_category, holdout_checkpoint, tmp_path, capsys):
     code, stdout, err = _cli(main_infer, ["--checkpoint", holdout_checkpoint, "--images",
                                           synthetic_category / "test" / "crack", "--output_dir", tmp_path / "o",
                                           *INFER], capsys)
     assert code == 0, err
     rows = _rows(tmp_path / "o" / "scores.csv")
-    verdicts = [line.split()[0] for line in stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert verdicts == ["FAIL" if r["pred_label"] == "1" else "PASS" for r in rows] and len(rows) == 2
+    verdicts = [line.split()[0] for line in stdout.splitlines() if line.startswith(("ANOMALOUS ", "normal "))]
+    assert verdicts == ["ANOMALOUS" if r["pred_label"] == "1" else "normal" for r in rows] and len(rows) == 2
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-from util.visualize import denormalize, save_overlay, save_reconstruction_grid, save_roc, save_summary
+from util.visualize import HeatPanel, denormalize, save_overlay, save_reconstruction_grid, save_roc, save_summary
 
 
 def _normalise(rgb: np.ndarray) -> torch.Tensor:
@@ -77,6 +77,51 @@ def _items(rng, n, labels):
                  anomaly_map=rng.random((32, 32)), score=float(rng.random()), label=int(labels[i]),
                  rel_path=f"test/{'good' if labels[i] == 0 else 'crack'}/{i:03d}.png")
             for i in range(n)]
+
+
+def _figures(monkeypatch) -> list:
+    """The figures util.visualize renders from now on (still written to their files)."""
+    import util.visualize as visualize
+
+    figures, save = [], visualize._save_figure
+    monkeypatch.setattr(visualize, "_save_figure", lambda fig, path: figures.append(fig) or save(fig, path))
+    return figures
+
+
+def test_overlay_explains_the_verdict(tmp_path, monkeypatch):
+    """The verdict's map with a colour bar on the given scale and the threshold outlined; the pixel map
+    beside it when given; the verdict word, the score and the normalised score in the title."""
+    figures = _figures(monkeypatch)
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    image_map = np.zeros((32, 32), np.float32)
+    image_map[8:16, 8:16] = 3.0  # above the threshold 1.5: outlined
+    save_overlay(tmp_path / "a.png", rgb, rgb, image_map, 3.0, vmax=3.0, title="a.png", verdict="ANOMALOUS",
+                 normalized=0.93, map_name="image map fusion-absz (verdict)", threshold=1.5,
+                 pixel_panel=HeatPanel(rng.random((32, 32)), "pixel map mse (localisation)", 2.0, 0.9))
+    fig = figures[-1]
+    assert "ANOMALOUS" in fig._suptitle.get_text() and "score 3" in fig._suptitle.get_text()
+    assert "normalised 0.93" in fig._suptitle.get_text()
+    heat_axes = [ax for ax in fig.axes if "map" in ax.get_title()]
+    assert [ax.get_title().split("\n")[0] for ax in heat_axes] == ["image map fusion-absz (verdict)",
+                                                                  "pixel map mse (localisation)"]
+    assert "threshold 1.5" in heat_axes[0].get_title()
+    bars = [im for ax in heat_axes for im in ax.get_images() if im.get_cmap().name == "jet"]
+    assert [b.get_clim() for b in bars] == [(0.0, 3.0), (0.0, 2.0)]  # the run's scale, not this image's
+    assert len(fig.axes) == 6  # input, reconstruction, two heatmaps, two colour bars
+    assert heat_axes[0].collections  # the threshold's outline
+
+
+def test_summary_marks_false_alarms_and_misses(tmp_path, monkeypatch):
+    figures = _figures(monkeypatch)
+    rng = np.random.default_rng(4)
+    items = _items(rng, 4, [0, 0, 1, 1])
+    for item, score in zip(items, (0.9, 0.1, 0.2, 0.8)):  # good 0.9: false alarm; anomalous 0.2: miss
+        item["score"] = score
+    save_summary(tmp_path / "summary.png", items, threshold=0.5)
+    titles = [ax.get_title() for ax in figures[-1].axes if ax.get_title()]
+    assert sum("FALSE ALARM" in t for t in titles) == 1 and sum("MISS" in t for t in titles) == 1
+    assert "2 of these 4 are wrong" in figures[-1]._suptitle.get_text()
 
 
 def test_save_summary(tmp_path):

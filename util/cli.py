@@ -4,6 +4,7 @@ A problem the user can fix raises `UserError`; `run_cli` turns it into one line 
 code 2. Any other failure becomes one line and exit code 1. Tracebacks only with `--debug`.
 """
 import argparse
+import copy
 import sys
 import traceback
 from typing import Callable, Optional
@@ -17,11 +18,38 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag under its first long name: further long names are old names, still accepted
+    (`add_argument("--batch_size", "--batch", ...)`) but no longer advertised."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if len(longs) > 1:
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if not s.startswith("--")] + longs[:1]
+        return super()._format_action_invocation(action)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exit code 2 (the usage is one --help away)."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help only where it tells something: not to on/off switches, not
+    to None or empty defaults, and not where the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def warn(msg: str) -> None:

@@ -27,11 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from util.cli import UserError, warn
-from util.images import (IMG_EXTENSIONS, PathLike, UnreadableImage, find_images, is_image_file,
-                         load_rgb, open_decoded, resize_square)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from util.images import (COMMON_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, PathLike, UnreadableImage,  # noqa: F401
+                         find_images, is_image_file, load_rgb, open_decoded, resize_square)
 
 # The training jiggle: a random translation of up to this fraction of the image each way. Only a
 # translation: test images are resized to input_size with no crop, so a scale change in training
@@ -149,7 +146,7 @@ def find_test_items(root: PathLike, split: str = "test") -> List[TestItem]:
                                   defect=defect, mask_path=masks.get(p.stem)))
     if not items:
         raise UserError(f"no test images found in {split_dir}/<good|defect>/ (extensions: "
-                        f"{', '.join(IMG_EXTENSIONS)})")
+                        f"{', '.join(COMMON_EXTENSIONS)} ...)")
     if orphans:
         warn(f"ignoring {len(orphans)} mask(s) without an image in {split_dir} (e.g. {orphans[0]}): "
              f"a mask <stem>_mask.<ext> belongs to the image <stem>.<ext> in the same defect folder")
@@ -283,7 +280,7 @@ class TrainDataset(Dataset):
         files = [p for p in list_images(folder) if p.name not in excluded]
         if not files:
             raise UserError(f"no training images in {folder} (extensions: "
-                            f"{', '.join(IMG_EXTENSIONS)})")
+                            f"{', '.join(COMMON_EXTENSIONS)} ...)")
         self.input_size = int(input_size)
         self.margin = jitter_margin(self.input_size) if jitter else 0
         self.paths: List[Path] = []
@@ -319,8 +316,9 @@ class TrainDataset(Dataset):
 class TestDataset(Dataset):
     """Test (or unlabelled) images with masks, decoded and validated once at construction.
 
-    Unreadable images are dropped with a warning naming each (`skipped`); `items` holds the ones
-    kept, in order. An unreadable mask counts as a missing mask. Each item is a dict:
+    Unreadable images are dropped with a warning naming each (`skipped`, and `unreadable`: each item
+    with the reason); `items` holds the ones kept, in order. `non_square` lists the kept images that
+    were squashed to a square, as (rel_path, (width, height)). An unreadable mask counts as a missing mask. Each item is a dict:
     image [3, S, S] float (normalised), label int (-1 unknown), mask [S, S] float32 0/1,
     has_mask bool, defect str, rel_path str, index int (into `items`). The default collate works.
     """
@@ -333,6 +331,8 @@ class TestDataset(Dataset):
         s = self.input_size
         self.items: List[TestItem] = []
         self.skipped: List[Path] = []
+        self.unreadable: List[Tuple[TestItem, str]] = []
+        self.non_square: List[Tuple[str, Tuple[int, int]]] = []
         images = torch.empty((len(items), 3, s, s), dtype=torch.uint8)
         masks = torch.zeros((len(items), s, s), dtype=torch.bool)
         has_mask: List[bool] = []
@@ -343,7 +343,10 @@ class TestDataset(Dataset):
             except UnreadableImage as e:
                 warn(f"skipping {e}")
                 self.skipped.append(item.path)
+                self.unreadable.append((item, e.reason))
                 continue
+            if w != h:
+                self.non_square.append((item.rel_path, (w, h)))
             n = len(self.items)
             images[n] = img
             ok = item.has_mask

@@ -11,13 +11,36 @@ from PIL import Image
 
 from util.cli import UserError
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Formats whose Pillow plugin only identifies files and cannot decode their pixels here (stubs that need
+# a handler, a PostScript interpreter or Windows): listing such files as images would only make them fail.
+_UNDECODED_FORMATS = ("BUFR", "EPS", "GRIB", "HDF5", "MPEG", "WMF")
+
+
+def _decoded_extensions() -> tuple[str, ...]:
+    """Every file extension of a format Pillow can decode (png, jpg, bmp, tif, webp, gif, ...)."""
+    Image.init()  # registers every plugin, so the list does not depend on what was opened before
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                        if fmt in Image.OPEN and fmt not in _UNDECODED_FORMATS))
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+IMG_EXTENSIONS = _decoded_extensions()
+COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # named in messages
 
 PathLike = Union[str, Path]
 
 
 class UnreadableImage(Exception):
-    """A file that cannot be decoded as an image (zero bytes, truncated, not an image)."""
+    """A file that cannot be decoded as an image (zero bytes, truncated, not an image).
+
+    `reason` says why without the path (for lists of skipped files); str() names the path too.
+    """
+
+    def __init__(self, path: PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
 
 
 def is_image_file(path: PathLike) -> bool:
@@ -32,7 +55,7 @@ def open_decoded(path: Path) -> Image.Image:
         return img
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise UnreadableImage(f"{path}: cannot read image ({reason})") from e
+        raise UnreadableImage(path, f"cannot read image ({reason})") from e
 
 
 def _to_uint8_gray(img: Image.Image) -> np.ndarray:
@@ -79,19 +102,45 @@ def load_rgb(path: PathLike) -> Image.Image:
             return Image.fromarray(_to_uint8_gray(img)).convert("RGB")
         return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
     except Exception as e:
-        raise UnreadableImage(f"{path}: cannot convert image of mode {img.mode} to RGB ({e})") from e
+        raise UnreadableImage(path, f"cannot convert image of mode {img.mode} to RGB ({e})") from e
+
+
+def visible_files(folder: Path) -> List[Path]:
+    """Files under `folder` at any depth, hidden files and folders skipped, by relative path."""
+    out = [p for p in folder.rglob("*")
+           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 
 def list_images_recursive(folder: Path) -> List[Path]:
     """Image files under `folder` at any depth (hidden files and folders skipped), by relative path."""
-    out = []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if p.is_file() and is_image_file(p):
-            out.append(p)
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+    return [p for p in visible_files(folder) if is_image_file(p)]
+
+
+def other_files(path: PathLike) -> List[Tuple[Path, str]]:
+    """The files `find_images(path)` passes over (not hidden, no image extension), as (absolute path,
+    path relative to PATH) pairs: a run lists them as not scored rather than ignoring them silently."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    base = path.absolute()
+    return [(base / p.relative_to(path), p.relative_to(path).as_posix())
+            for p in visible_files(path) if not is_image_file(p)]
+
+
+def not_image_reason(path: PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    return f"not an image: no format Pillow decodes has the extension {suffix}" if suffix else \
+        "not an image: the file name has no extension"
+
+
+def squash_note(resized: List[Tuple[str, Tuple[int, int]]], total: int, size: int) -> str:
+    """The one line a run prints when it squashes non-square images: how many, and an example.
+
+    resized: (name, (width, height)) of each non-square image."""
+    name, (w, h) = resized[0]
+    return (f"{len(resized)} of {total} images are not square (e.g. {name}, {w}x{h}): each is resized to "
+            f"{size}x{size} without cropping, which stretches it; crop them to square for undistorted maps")
 
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
@@ -107,14 +156,14 @@ def find_images(path: PathLike) -> List[Tuple[Path, str]]:
     path = Path(path)
     if path.is_file():
         if not is_image_file(path):
-            raise UserError(f"--images {path}: not an image file (extensions: "
-                            f"{', '.join(IMG_EXTENSIONS)})")
+            raise UserError(f"--images {path}: {not_image_reason(path)} (e.g. "
+                            f"{', '.join(COMMON_EXTENSIONS)})")
         return [(path.absolute(), path.name)]
     if not path.is_dir():
         raise UserError(f"--images {path} does not exist; pass an image file or a folder of images")
     files = list_images_recursive(path)
     if not files:
-        raise UserError(f"--images {path}: no images found (searched recursively for "
-                        f"{', '.join(IMG_EXTENSIONS)})")
+        raise UserError(f"--images {path}: no images found (searched recursively for the formats Pillow "
+                        f"decodes: {', '.join(COMMON_EXTENSIONS)} ...)")
     base = path.absolute()
     return [(base / p.relative_to(path), p.relative_to(path).as_posix()) for p in files]
