@@ -17,7 +17,7 @@ maps, so any map recipe and quantile can be scored from a checkpoint without re-
 """
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -80,11 +80,24 @@ def holdout_error_maps(model: MaskedAutoencoderViT, data_path: str | Path, names
     return collect_error_maps(scorer, loader, device, amp_dtype)
 
 
-def holdout_choice(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
-                   device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8, seed: int = 0
-                   ) -> tuple[dict[str, torch.Tensor], RecipeChoice]:
-    """The held-out normal maps {error: [n, S, S]} and the category's recipe choice, made from those
-    images and synthetic defects pasted on them (util.recipe_choice); no test image is read."""
+class HoldoutEvidence(NamedTuple):
+    """What the recipe choice is made from: unsmoothed error maps {error: [n|m, S, S]} of the held-out
+    normal images and of synthetic defects pasted on them, each copy's source image and its mask."""
+
+    normal: dict[str, torch.Tensor]
+    defective: dict[str, torch.Tensor]
+    source: torch.Tensor  # [m]
+    defect_masks: torch.Tensor  # [m, S, S] bool
+
+    def choose(self, pixel_sigma: float) -> RecipeChoice:
+        return choose_recipes(self.normal, self.defective, self.source, self.defect_masks, pixel_sigma)
+
+
+def holdout_evidence(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
+                     device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8, seed: int = 0
+                     ) -> HoldoutEvidence:
+    """The held-out images' maps and those of synthetic defects on them (util.defect_synthesis), with
+    `options`' views; no test image is read."""
     dataset = TestDataset(holdout_items(data_path, names), model.img_size)
     scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern).to(device)
     normal = collect_error_maps(scorer, DataLoader(dataset, batch_size=batch_size), device, amp_dtype)
@@ -93,7 +106,15 @@ def holdout_choice(model: MaskedAutoencoderViT, data_path: str | Path, names: li
     images = (defects.images.float() / 255.0 - mean) / std  # [m, 3, S, S], as TestDataset normalises
     loader = DataLoader([{"image": img} for img in images], batch_size=batch_size)
     defective = collect_error_maps(scorer, loader, device, amp_dtype)
-    return normal, choose_recipes(normal, defective, defects.source, defects.masks, options.sigma)
+    return HoldoutEvidence(normal, defective, defects.source, defects.masks)
+
+
+def holdout_choice(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
+                   device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8, seed: int = 0
+                   ) -> tuple[dict[str, torch.Tensor], RecipeChoice]:
+    """The held-out normal maps {error: [n, S, S]} and the category's recipe choice (util.recipe_choice)."""
+    evidence = holdout_evidence(model, data_path, names, options, device, amp_dtype, batch_size, seed)
+    return evidence.normal, evidence.choose(options.sigma)
 
 
 def apply_choice(options: ScoringOptions, choice: Optional[dict[str, Any]]) -> ScoringOptions:

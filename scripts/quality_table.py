@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from engine import collect_error_maps  # noqa: E402
 from main_infer import build_model  # noqa: E402
 from models_mae import AnomalyScorer  # noqa: E402
-from scoring import ScoringOptions, holdout_choice, smoothed  # noqa: E402
+from scoring import HoldoutEvidence, ScoringOptions, holdout_evidence, smoothed  # noqa: E402
 from util.calibration import MapSpec, fit_level, image_scores, level_map  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items  # noqa: E402
@@ -84,24 +84,27 @@ def train(root: Path, run_dir: Path, pretrained: str | None) -> None:
 
 
 def collect_maps(checkpoint: Path, root: Path, pattern: str, device: torch.device) -> dict[str, Any]:
-    """Unsmoothed error maps of the held-out images, of synthetic defects on them and of the test
-    images, with the choice util.recipe_choice makes from the first two."""
+    """Unsmoothed error maps of the held-out images, of synthetic defects on them (what the choice is
+    made from) and of the test images, for one mask pattern."""
     model, train_args, _ = build_model(str(checkpoint))
     model.to(device)
     options = ScoringOptions(mask_pattern=pattern)
-    normal, choice = holdout_choice(model, train_args["data_path"], train_args["holdout_files"], options, device,
-                                    None, seed=int(train_args.get("seed", 0)))
+    evidence = holdout_evidence(model, train_args["data_path"], train_args["holdout_files"], options, device, None,
+                                seed=int(train_args.get("seed", 0)))
     dataset = TestDataset(find_test_items(root), model.img_size)
     scorer = AnomalyScorer(model, options.num_masks, pattern).to(device)
     test = collect_error_maps(scorer, DataLoader(dataset, batch_size=8), device, None)
-    return {"normal": normal, "test": test, "labels": torch.tensor([it.label for it in dataset.items]),
-            "masks": dataset.masks, "choice": choice.to_dict()}
+    return {"normal": evidence.normal, "defective": evidence.defective, "source": evidence.source,
+            "defect_masks": evidence.defect_masks, "test": test,
+            "labels": torch.tensor([it.label for it in dataset.items]), "masks": dataset.masks}
 
 
 def cached_maps(run_dir: Path, root: Path, pattern: str, device: torch.device) -> dict[str, Any]:
     path = run_dir / f"maps_{pattern}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        maps = torch.load(path, weights_only=True)
+        if "defective" in maps:  # files from before the evidence was cached are recomputed
+            return maps
     maps = collect_maps(run_dir / "checkpoint-last.pth", root, pattern, device)
     torch.save(maps, path)
     return maps
@@ -133,10 +136,11 @@ def score_run(by_pattern: dict[str, dict[str, Any]]) -> dict[str, Any]:
     previous = (image_metric(stripes, PREVIOUS_IMAGE), *pixel_metrics(stripes, "mse"))
     image = {c.name: image_metric(grid, c) for c in IMAGE_CANDIDATES}
     pixel = {r: pixel_metrics(grid, r) for r in PIXEL_CANDIDATES}
-    choice = grid["choice"]
+    evidence = HoldoutEvidence(grid["normal"], grid["defective"], grid["source"], grid["defect_masks"])
+    choice = evidence.choose(pixel_sigma=4.0).to_dict()
     auto_image = ImageRecipe(choice["image_map"], choice["image_sigma"], choice["score"], choice["topk_fraction"]).name
     oracle_image = max(image, key=image.get)
-    oracle_pixel = max(pixel, key=lambda r: pixel[r][1])  # by AUPRO, as the choice
+    oracle_pixel = max(pixel, key=lambda r: sum(pixel[r]))  # by pixel AUROC + AUPRO, as the choice
     return {
         "original": dict(zip(METRICS, original)), "previous": dict(zip(METRICS, previous)),
         "grid_raw_mse": dict(zip(METRICS, (image[ORIGINAL_IMAGE.name], *pixel["mse"]))),
@@ -173,12 +177,12 @@ def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
                     cells.append(fmt({k: float(np.mean([runs[c][key][k] for c in members])) for k in METRICS}))
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
         lines += ["", "| category | kind | chosen image recipe (test labels' choice) | chosen pixel map (test labels' "
-                  "choice) | cost: image AUROC / AUPRO | map consistency |", "|---|---|---|---|---|---|"]
+                  "choice) | cost: image AUROC / pixel AUROC / AUPRO | map consistency |", "|---|---|---|---|---|---|"]
         for c in cats:
             ch, auto, oracle = runs[c]["choice"], runs[c]["auto"], runs[c]["oracle"]
             lines.append(f"| {c} | {kinds[c]} | {ch['image']} ({ch['oracle_image']}) | {ch['pixel']} "
-                         f"({ch['oracle_pixel']}) | {oracle['image_auroc'] - auto['image_auroc']:.3f} / "
-                         f"{oracle['aupro'] - auto['aupro']:.3f} | {ch['evidence']['map_consistency']:.2f} |")
+                         f"({ch['oracle_pixel']}) | {fmt({k: oracle[k] - auto[k] for k in METRICS})} | "
+                         f"{ch['evidence']['map_consistency']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

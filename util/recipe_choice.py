@@ -11,7 +11,9 @@ For each candidate, the held-out normal maps are computed leave-one-out (each im
 the statistics of the OTHER held-out images, util.calibration) and each defective copy with the
 statistics that exclude its own source image, so no image is compared with itself. Then
 - image level: AUROC of the image scores, held-out normals (0) against their defective copies (1);
-- pixel level: AUPRO (util.metrics.aupro) of the pixel maps over the same images.
+- pixel level: the mean of pixel AUROC and AUPRO (util.metrics) of the pixel maps over the same
+  images: AUPRO alone would trade away pixel AUROC (a calibrated map can find each region better
+  and still rank many normal pixels above defect pixels).
 The candidate with the highest value wins; candidates within TOLERANCE of the best count as equal
 and the earliest in the candidate list wins, so the original method's raw `mse` is kept unless a
 calibrated recipe is clearly better.
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from util.calibration import LevelStats, MapSpec, fit_level, image_scores, leave_one_out_mean_std, level_map
-from util.metrics import aupro, auroc
+from util.metrics import aupro, auroc, pixel_auroc
 from util.smoothing import GaussianSmoothing
 
 TOLERANCE = 0.01  # differences below this on ~20 held-out images are noise
@@ -69,13 +71,14 @@ class RecipeChoice:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self.image), "pixel_map": self.pixel_map,
-                "evidence": {"image_auroc": self.image_evidence, "pixel_aupro": self.pixel_evidence,
+                "evidence": {"image_auroc": self.image_evidence, "pixel_auroc_aupro_mean": self.pixel_evidence,
                              "map_consistency": self.map_consistency, "n_normal": self.n_normal,
                              "n_defective": self.n_defective}}
 
     def describe(self) -> str:
         return (f"image score {self.image.name} (held-out AUROC {self.image_evidence[self.image.name]:.3f}), "
-                f"pixel map {self.pixel_map} (held-out AUPRO {self.pixel_evidence[self.pixel_map]:.3f})")
+                f"pixel map {self.pixel_map} (held-out mean of pixel AUROC and AUPRO "
+                f"{self.pixel_evidence[self.pixel_map]:.3f})")
 
 
 def map_consistency(normal_mse: torch.Tensor, sigma: float = 4.0) -> float:
@@ -132,7 +135,10 @@ def choose_recipes(normal: dict[str, torch.Tensor], defective: dict[str, torch.T
     for c in image_candidates:
         scores = image_scores(level(c.image_sigma, c.image_map), c.score, c.topk_fraction).numpy()
         image_evidence[c.name] = auroc(scores, labels)
-    pixel_evidence = {r: aupro(level(pixel_sigma, r).numpy(), masks) for r in pixel_candidates}
+    pixel_evidence = {}
+    for r in pixel_candidates:
+        maps = level(pixel_sigma, r).numpy()
+        pixel_evidence[r] = (pixel_auroc(maps, masks) + aupro(maps, masks)) / 2
     image = {c.name: c for c in image_candidates}[_best(image_evidence)]
     return RecipeChoice(image, _best(pixel_evidence), image_evidence, pixel_evidence,
                         map_consistency(normal["mse"], pixel_sigma), n, m)
