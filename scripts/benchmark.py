@@ -14,7 +14,7 @@ train, naive       fp32 MAE step (mask ratio 0.75): forward, backward, AdamW (de
 train, fast        what main_train.py does: the same frozen base and trainable set
                    (--freeze_non_lora), autocast bf16 where supported, the frozen linears stored
                    once in bf16 for compute while their exact fp32 tensors stay in host memory for
-                   the checkpoints (cast_frozen_weights(keep_exact=True)), AdamW fused on CUDA.
+                   the checkpoints (cast_frozen_weights(keep_exact=True)), AdamW fused.
 
 Both training phases freeze what an official MAE checkpoint would fill (every non-LoRA parameter
 except the 7x7 patch embedding and decoder_pred, whose shapes differ from the official 16x16 ones).
@@ -531,7 +531,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "fast_path": {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
                       "cast_frozen_weights": cast_frozen,
                       "compile": args.compile_backend if args.compile else False,
-                      "fused_adamw": device.type == "cuda"},
+                      "fused_adamw": True},
         "flops_method": "analytic, see scripts/benchmark.py docstring (same count for naive and fast)",
     }
     build = lambda: build_model(args.model, args.input_size, args.lora_rank, args.seed).to(device)  # noqa: E731
@@ -581,7 +581,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 host_copies_mib = 2 * (fp32_mib - model_mib)  # exact fp32 copies of the (2-byte) cast tensors
                 if device.type == "cpu":
                     model_mib += host_copies_mib
-            opt = make_optimizer(model, device, fused=name == "fast" and device.type == "cuda")
+            opt = make_optimizer(model, device, fused=name == "fast")
             run = torch.compile(model, backend=args.compile_backend) if args.compile and name == "fast" else model
             if args.compile and name == "fast":
                 train_step(run, opt, imgs, device, dtype)  # compile outside the measured steps
