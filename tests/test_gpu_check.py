@@ -18,7 +18,7 @@ def test_cpu_mode_runs_every_part_and_writes_one_json(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--mode", "cpu", "--output", str(out)],
-                         capture_output=True, text=True, timeout=900, env=env)
+                         capture_output=True, text=True, timeout=1600, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["check.json"]  # one JSON, no leftovers
     r = json.loads(out.read_text())
@@ -59,7 +59,7 @@ def test_gpu_mode_fits_in_eight_minutes():
     limits = gpu_check.MODES["gpu"].limits_s
     assert set(limits) == {"inference_eager", "inference_compile", "ddp", "train_cli", "jobs", "demo"}
     assert sum(limits.values()) <= 8 * 60 - 10
-    assert gpu_check.get_args_parser().parse_args([]).budget_s <= 8 * 60 - 10
+    assert gpu_check.MODES["gpu"].budget_s <= 8 * 60 - 10 and gpu_check.get_args_parser().parse_args([]).budget_s is None
 
 
 def test_demo_part_runs_the_makefiles_gpu_recipe(tmp_path):
