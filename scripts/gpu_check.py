@@ -94,10 +94,11 @@ MODES = {
                  "demo": 110},
                 train_images=219, cli_epochs=30, jobs=3, job_epochs=12, demo_overrides=("RECIPE=gpu",)),
     "cpu": Mode("cpu", "mae_vit_tiny_patch7", 28, 2, 2, 1, "eager", 2,
-                {"train_eager": 120, "inference_eager": 120, "train_compile": 180, "inference_compile": 180,
-                 "ddp": 180, "train_cli": 120, "jobs": 240, "demo": 300},
+                # generous: the tests run this mode on shared 2-core machines under load
+                {"train_eager": 240, "inference_eager": 240, "train_compile": 300, "inference_compile": 300,
+                 "ddp": 240, "train_cli": 240, "jobs": 600, "demo": 600},
                 train_images=8, cli_epochs=3, jobs=2, job_epochs=2,
-                demo_overrides=("RECIPE=cpu", "EPOCHS=1", "INPUT_SIZE=28", "DEVICE=cpu"), budget_s=1500.0),
+                demo_overrides=("RECIPE=cpu", "EPOCHS=1", "INPUT_SIZE=28", "DEVICE=cpu"), budget_s=2700.0),
 }
 BENCH_PARTS = ("train_eager", "inference_eager", "train_compile", "inference_compile")
 ORIGINAL_RECIPE_IMAGES = 4000 * 219  # --epochs 4000 over MVTec AD's largest training set
@@ -112,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="gpu_check.json", help="the JSON file to write")
     p.add_argument("--budget_s", type=float, default=None,
                    help="wall-clock budget of all parts together in seconds (each part also has its own limit); "
-                        "default: 470 in the gpu mode, 1500 in the cpu mode")
+                        "default: 470 in the gpu mode, 2700 in the cpu mode")
     p.add_argument("--train_compile_mode", default=None, choices=main_train_compile_modes(),
                    help="train_cli: also pass main_train.py --compile_mode (e.g. reduce-overhead: CUDA graphs)")
     p.add_argument("--worker", choices=("ddp", "train_cli"), help=argparse.SUPPRESS)  # a part's own process
