@@ -5,25 +5,40 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-# Demo settings: the recommended CPU recipe (override any: make demo EPOCHS=100 MODEL=...).
+# Demo settings (override any: make demo EPOCHS=100 MODEL=...). RECIPE=auto takes the GPU recipe when
+# PyTorch in .venv sees a CUDA GPU (and DEVICE is not cpu), else the CPU recipe; RECIPE=cpu|gpu picks one.
 # DATA=ROOT runs the recipe on your own category root (raw or prepared MVTec layout).
+RECIPE     ?= auto
 DATA       ?=
 OUT        ?= demo_output
 MODEL      ?= mae_vit_tiny_patch7
+MASK_RATIO ?= 0.25
+DEVICE     ?= auto
+ifeq ($(RECIPE),gpu)
+# The GPU recipe (docs/GPU.md): 224 px, 4x the batch, 10x the epochs; the images stay on the GPU.
+INPUT_SIZE ?= 224
+EPOCHS     ?= 500
+BATCH_SIZE ?= 32
+LR         ?= 3e-3
+WARMUP     ?= 20
+else
+# The CPU recipe.
 INPUT_SIZE ?= 112
 EPOCHS     ?= 50
 BATCH_SIZE ?= 8
 LR         ?= 1.5e-3
 WARMUP     ?= 4
-MASK_RATIO ?= 0.25
-DEVICE     ?= auto
+endif
+# Prints gpu or cpu: what RECIPE=auto takes.
+CUDA_CHECK ?= $(BIN)/python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')"
+AUTO_RECIPE = $(if $(filter cpu,$(DEVICE)),cpu,$$($(CUDA_CHECK) 2>/dev/null || echo cpu))
 # The shipped procedural prior (README, "A pretrained prior"): it beat training from scratch on
 # average over three kinds of data. It exists for the tiny model only; PRETRAINED= trains from scratch.
 PRIOR      := weights/mae_vit_tiny_patch7_procedural_112.pth
 PRETRAINED ?= $(if $(filter mae_vit_tiny_patch7,$(MODEL)),$(PRIOR),)
 DEMO_DATA  := $(if $(DATA),$(DATA),$(OUT)/data/capsule_prepared)
 
-.PHONY: test demo clean-demo help
+.PHONY: test demo demo-run clean-demo help
 
 help:
 	@echo "make demo   train + evaluate on the built-in synthetic category (or DATA=ROOT)"
@@ -45,7 +60,12 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt requirements-expor
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
+# The recipe is chosen once .venv exists (its PyTorch tells whether there is a GPU), then demo-run runs it.
 demo: $(VENV)/.installed
+	@$(MAKE) --no-print-directory demo-run RECIPE=$(if $(filter auto,$(RECIPE)),$(AUTO_RECIPE),$(RECIPE))
+
+demo-run:
+	@echo "make demo: the $(RECIPE) recipe ($(MODEL), $(INPUT_SIZE) px, batch $(BATCH_SIZE), $(EPOCHS) epochs)"
 ifeq ($(DATA),)
 	$(BIN)/python scripts/make_synthetic_mvtec.py --dst $(OUT)/data --kind capsule --seed 0
 	$(BIN)/python scripts/prepare_mvtec.py --src $(OUT)/data/capsule_synth --dst $(DEMO_DATA) --overwrite

@@ -2,7 +2,7 @@
 `evaluate`). They take named values, never the command line's `args`."""
 import contextlib
 import time
-from typing import Any, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 
 from util import distributed as dist_util
 from util.cli import UserError
+from util.host_reads import HostRead
 from util.logger import Progress
 from util.lr_sched import lr_at, set_lr
 from util.metrics import compute_metrics
@@ -26,21 +27,54 @@ def _accumulation_groups(num_steps: int, accum_iter: int) -> list[int]:
     return [min(accum_iter, num_steps - (i // accum_iter) * accum_iter) for i in range(num_steps)]
 
 
-def _sync_stats(loss_sum: torch.Tensor, count: int, first_bad: torch.Tensor) -> tuple[float, int]:
-    """Mean loss over every rank's steps so far and the first non-finite step (-1: none).
+_NO_BAD_STEP = 2**62  # exact in float64
 
-    The only host syncs of the loop: called every print_freq steps and at the end of the epoch, on
-    every rank at the same step, so a divergence seen by any rank stops all of them together.
+
+def _queue_stats(loss_sum: torch.Tensor, count: int, first_bad: torch.Tensor) -> HostRead:
+    """Every rank's loss sum and step count so far and the first non-finite step, reduced on the
+    device and queued for the host ([loss_sum, count, first_bad] float64): no host sync here.
+
+    Called on every rank at the same steps, so a divergence seen by any rank stops all of them.
     """
-    totals = dist_util.all_reduce_(torch.stack([loss_sum.double(), torch.tensor(float(count), device=loss_sum.device,
-                                                                          dtype=torch.float64)]))
+    totals = dist_util.all_reduce_(torch.stack([loss_sum.double(), torch.full_like(loss_sum, count, dtype=torch.float64)]))
     bad = dist_util.all_reduce_(first_bad.clone(), op="min")
-    total_loss, total_count = totals.tolist()
-    bad_step = int(bad.item())
-    return total_loss / max(total_count, 1.0), (-1 if bad_step == _NO_BAD_STEP else bad_step)
+    return HostRead(torch.cat([totals, bad.double().reshape(1)]))
 
 
-_NO_BAD_STEP = 2**62
+def _read_stats(read: HostRead) -> tuple[float, int]:
+    """(mean loss, first non-finite step or -1) of a `_queue_stats` read; waits for it."""
+    total_loss, total_count, bad_step = read.get().tolist()
+    return total_loss / max(total_count, 1.0), (-1 if int(bad_step) == _NO_BAD_STEP else int(bad_step))
+
+
+class PendingEpoch:
+    """An epoch's statistics on their way from the device: `result()` waits for them, raises on a
+    non-finite loss and returns {'train_loss', 'lr', 'images_per_s', 'steps'}.
+
+    Reading them one epoch later (main_train does) keeps the device busy across the epoch boundary.
+    """
+
+    def __init__(self, read: HostRead, epoch: int, num_steps: int, lr: float, images_per_s: float,
+                 progress: Progress) -> None:
+        self._read, self.epoch, self.num_steps = read, epoch, num_steps
+        self.lr, self.images_per_s, self._progress = lr, images_per_s, progress
+        self._result: Optional[dict[str, float]] = None
+
+    def result(self) -> dict[str, float]:
+        if self._result is None:
+            mean_loss, bad_step = _read_stats(self._read)
+            _raise_if_diverged(bad_step, self.epoch, self.num_steps)
+            self._progress.report(self.num_steps, mean_loss, self.lr, self.images_per_s)
+            self._result = {"train_loss": mean_loss, "lr": self.lr, "images_per_s": self.images_per_s,
+                            "steps": self.num_steps}
+        return self._result
+
+
+def _raise_if_diverged(bad_step: int, epoch: int, num_steps: int) -> None:
+    if bad_step >= 0:
+        raise UserError(f"training diverged: non-finite loss at epoch {epoch}, step {bad_step} "
+                        f"(of {num_steps}); try a lower --blr/--lr, more --warmup_epochs or --amp none. "
+                        f"checkpoint-last.pth still holds the last good epoch", exit_code=1)
 
 
 def train_one_epoch(
@@ -60,16 +94,23 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler] = None,
     print_freq: int = 20,
     show_progress: bool = True,
-) -> dict[str, float]:
-    """One epoch of MAE training; returns {'train_loss', 'lr', 'images_per_s', 'steps'}.
+    defer_read: bool = False,
+) -> Union[dict[str, float], PendingEpoch]:
+    """One epoch of MAE training; returns {'train_loss', 'lr', 'images_per_s', 'steps'}, or with
+    `defer_read` a `PendingEpoch` whose result() gives them (the loss is then read later, while the
+    device runs the next epoch).
 
     `model` may be wrapped (DDP, torch.compile); it is called as model(imgs, mask_ratio=...) and must
     return (loss, pred, mask). The learning rate follows `lr_at` per iteration (updated at the start
     of each accumulation group). With accum_iter > 1 gradients of accum_iter steps are summed
     (each loss divided by its group size) and DDP skips the all-reduce on the steps in between.
     `scaler` (fp16 only) scales the loss; None steps the optimizer directly.
-    A non-finite loss raises UserError(exit_code=1) naming the epoch and step; it is detected on
-    the device and checked at the print points, so the loop has no per-step host sync.
+
+    No step reads the device: the loss is summed and a non-finite one noted on the device; every
+    print_freq steps these are queued for the host (util.host_reads) and the previous print point's
+    values are read and reported, so the progress lags one print interval. A non-finite loss raises
+    UserError(exit_code=1) naming the epoch and step when its values are read (at the latest by
+    result()). (An fp16 `scaler` reads its overflow flag at every update: bf16 needs none.)
     """
     model.train(True)
     num_steps = len(loader)
@@ -84,6 +125,7 @@ def train_one_epoch(
     images = 0
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
+    queued: Optional[tuple[int, float, float, HostRead]] = None  # the last print point: step, lr, img/s, values
     try:
         group_start = 0
         for step, imgs in enumerate(loader):
@@ -119,17 +161,16 @@ def train_one_epoch(
             progress.step()
             done = step + 1
             if done % print_freq == 0 or done == num_steps:
-                mean_loss, bad_step = _sync_stats(loss_sum, done, first_bad)
-                if bad_step >= 0:
-                    raise UserError(f"training diverged: non-finite loss at epoch {epoch}, step {bad_step} "
-                                    f"(of {num_steps}); try a lower --blr/--lr, more --warmup_epochs or --amp none. "
-                                    f"checkpoint-last.pth still holds the last good epoch", exit_code=1)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                progress.report(done, mean_loss, lr, images * world_size / elapsed)
+                images_per_s = images * world_size / max(time.perf_counter() - start, 1e-9)
+                if queued is not None:  # the previous print point's values: long computed by now
+                    mean_loss, bad_step = _read_stats(queued[3])
+                    _raise_if_diverged(bad_step, epoch, num_steps)
+                    progress.report(queued[0], mean_loss, queued[1], queued[2])
+                queued = (done, lr, images_per_s, _queue_stats(loss_sum, done, first_bad))
+        pending = PendingEpoch(queued[3], epoch, num_steps, lr, queued[2], progress)
+        return pending if defer_read else pending.result()
     finally:
         progress.close()
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    return {"train_loss": mean_loss, "lr": lr, "images_per_s": images * world_size / elapsed, "steps": num_steps}
 
 
 # ---- inference --------------------------------------------------------------------------------
@@ -158,11 +199,18 @@ def run_inference(
     `scorer` (an AnomalyScorer) must already be on `device` and in the mode the caller wants: this
     generator changes no module state (`evaluate` switches to eval mode). Each batch makes exactly
     one device->host copy: scores, maps and (optionally) the image-level maps and reconstructions are
-    packed into one float32 tensor on the device and split on the CPU, so there is no per-image sync. Inference mode is
-    entered per batch and never held across a `yield`, so the caller's code runs outside it.
+    packed into one float32 tensor on the device and split on the CPU. The copy is queued
+    (util.host_reads: pinned memory, non_blocking) and a batch's results are yielded once the next
+    batch is queued, so the device scores batch k+1 while the caller handles batch k and no batch
+    makes a host sync. Inference mode is entered per batch and never held across a `yield`, so the
+    caller's code runs outside it.
     """
+    pending: Optional[tuple[HostRead, int, int, dict]] = None  # the queued batch: copy, H, W, meta
     for batch in loader:
-        imgs = batch["image"].to(device, non_blocking=True)  # [B, 3, S, S]
+        images = batch["image"]
+        if device.type == "cuda" and not images.is_pinned():
+            images = images.pin_memory()  # a pageable source would make the copy below synchronous
+        imgs = images.to(device, non_blocking=True)  # [B, 3, S, S]
         with torch.inference_mode():
             with autocast(device, amp_dtype):
                 out = scorer(imgs)
@@ -172,14 +220,26 @@ def run_inference(
                 parts.append(out.image_maps.float().reshape(n, h * w))
             if with_reconstructions:
                 parts.append(out.reconstructions.float().reshape(n, -1))
-            packed = torch.cat(parts, dim=1).cpu()  # [B, 1 + H*W (+ H*W) (+ 3*H*W)], the one transfer
-        scores = packed[:, 0].contiguous()
-        maps = packed[:, 1:1 + h * w].reshape(n, h, w).contiguous()
-        lo = 1 + h * w
-        image_maps = packed[:, lo:lo + h * w].reshape(n, h, w).contiguous() if with_image_maps else None
-        lo += h * w if with_image_maps else 0
-        recon = packed[:, lo:].reshape(n, -1, h, w).contiguous() if with_reconstructions else None
-        yield InferenceBatch(scores, maps, recon, batch, image_maps)
+            # [B, 1 + H*W (+ H*W) (+ 3*H*W)], the one transfer
+            queued = (HostRead(torch.cat(parts, dim=1)), h, w, batch)
+        if pending is not None:
+            yield _unpack(*pending, with_image_maps, with_reconstructions)
+        pending = queued
+    if pending is not None:
+        yield _unpack(*pending, with_image_maps, with_reconstructions)
+
+
+def _unpack(read: HostRead, h: int, w: int, meta: dict, with_image_maps: bool,
+            with_reconstructions: bool) -> InferenceBatch:
+    packed = read.get()  # [B, 1 + H*W (+ H*W) (+ 3*H*W)]
+    n = packed.shape[0]
+    scores = packed[:, 0].contiguous()
+    maps = packed[:, 1:1 + h * w].reshape(n, h, w).contiguous()
+    lo = 1 + h * w
+    image_maps = packed[:, lo:lo + h * w].reshape(n, h, w).contiguous() if with_image_maps else None
+    lo += h * w if with_image_maps else 0
+    recon = packed[:, lo:].reshape(n, -1, h, w).contiguous() if with_reconstructions else None
+    return InferenceBatch(scores, maps, recon, meta, image_maps)
 
 
 class ScoreCollector:
@@ -268,6 +328,7 @@ def collect_error_maps(scorer: nn.Module, loader: Iterable, device: torch.device
                        amp_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Per-pixel error maps {error: [n, H, W] float32, on the CPU, not smoothed} of every image of `loader`
     (TestDataset dicts), in loader order: the raw material of calibration (AnomalyScorer.error_maps).
+    The maps stay on the device until the pass ends (a few hundred held-out images), then one copy each.
 
     Eval mode for the pass, every submodule's previous mode restored afterwards (as `evaluate`).
     """
@@ -280,11 +341,11 @@ def collect_error_maps(scorer: nn.Module, loader: Iterable, device: torch.device
             with torch.inference_mode(), autocast(device, amp_dtype):
                 maps, _ = scorer.error_maps(imgs)
             for error, m in maps.items():
-                chunks.setdefault(error, []).append(m.float().cpu())
+                chunks.setdefault(error, []).append(m.float())  # on the device: no sync per batch
     finally:
         for module, mode in modes.items():
             module.training = mode
-    return {error: torch.cat(parts) for error, parts in chunks.items()}
+    return {error: torch.cat(parts).cpu() for error, parts in chunks.items()}
 
 
 def _dataset_size(loader: Iterable) -> int:

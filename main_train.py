@@ -19,9 +19,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from engine import evaluate, train_one_epoch
+from engine import PendingEpoch, evaluate, train_one_epoch
 from lora_utils import (LORA_TARGETS, cast_frozen_weights, freeze_non_lora, is_lora_name, parameter_table,
                         unmerged_state_dict)
 from models_mae import MODELS, AnomalyScorer, create_model
@@ -29,7 +29,8 @@ from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibr
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
 from util.cli import DefaultsHelpFormatter, UserError, run_cli, warn
-from util.datasets import TestDataset, TrainDataset, find_test_items, holdout_names
+from util.datasets import JitteredSampler, TestDataset, TrainDataset, find_test_items, holdout_names
+from util.device_batches import AUTO_BUDGET_BYTES, DeviceBatches, dataset_bytes
 from util.logger import RunLogger
 from util.masks import make_inference_masks
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device, save_atomic
@@ -38,6 +39,9 @@ PATCH_SIZE = 7  # every registered model uses 7x7 patches
 DEFAULT_HOLDOUT = 0.1  # --holdout when not given
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 EVAL_NUM_MASKS = 4  # views of --eval_every's scoring (main_infer.py's default)
+DATA_ON_DEVICE_CHOICES = ("auto", "on", "off")
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(then scoring is uncalibrated and has no threshold) (default: 0.1, or none with a warning "
                         "when train/good has fewer than 10 images)")
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes per training process")
+    g.add_argument("--data_on_device", default="auto", choices=DATA_ON_DEVICE_CHOICES,
+                   help="keep the decoded training images on the training device and cut each batch there (no "
+                        "DataLoader workers; the same images and shifts as the DataLoader); auto: on a CUDA GPU "
+                        "when they take at most 2 GiB")
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster GPU transfers (the default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")
     p.set_defaults(pin_mem=True)
@@ -95,6 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 where supported (CUDA or CPU with AVX512-BF16/AMX), else none; "
                         "fp16 (CUDA) uses a gradient scaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile); reduce-overhead replays each fixed-shape step as "
+                        "CUDA graphs (CUDA only)")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="output_dir",
@@ -191,22 +202,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def resolve_data_on_device(choice: str, device: torch.device, dataset_bytes: int) -> bool:
+    """--data_on_device: 'auto' keeps the training images on a CUDA device when they fit the budget."""
+    if choice == "auto":
+        return device.type == "cuda" and dataset_bytes <= AUTO_BUDGET_BYTES
+    return choice == "on"
+
+
 def build_data(data_path: str, input_size: int, jitter: bool, batch_size: int, num_workers: int,
-               pin_memory: bool, rank: int, world_size: int, seed: int,
-               holdout_files: list[str]) -> tuple[DistributedSampler, DataLoader]:
-    """Training images (all of train/good but `holdout_files`) and their loader. The sampler shuffles
-    with (seed, epoch), the same on every rank, and gives each rank an equal share (so DDP ranks run
-    the same number of steps)."""
+               pin_memory: bool, rank: int, world_size: int, seed: int, holdout_files: list[str],
+               data_on_device: str = "off", device: torch.device = torch.device("cpu"),
+               ) -> tuple[JitteredSampler, DataLoader | DeviceBatches]:
+    """Training images (all of train/good but `holdout_files`) and their batches: a DataLoader, or
+    with `data_on_device` the images resident on `device` (util.device_batches: same batches). The
+    sampler shuffles with (seed, epoch), the same on every rank, gives each rank an equal share (so
+    DDP ranks run the same number of steps) and draws each image's shift (util.datasets.jitter_offsets)."""
     dataset = TrainDataset(data_path, input_size, jitter=jitter, exclude=holdout_files)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = JitteredSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
     per_rank = len(sampler)
     if per_rank < batch_size:
         warn(f"{len(dataset)} training images give {per_rank} per process, fewer than --batch_size {batch_size}: "
              f"every step uses all of them")
+    drop_last = per_rank >= batch_size  # MAE drops the ragged last batch, unless it is the only one
+    if resolve_data_on_device(data_on_device, device, dataset_bytes(dataset)):
+        return sampler, DeviceBatches(dataset, sampler, batch_size, drop_last, device)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        drop_last=per_rank >= batch_size,  # MAE drops the ragged last batch, unless it is the only one
-        persistent_workers=num_workers > 0,
+        drop_last=drop_last, persistent_workers=num_workers > 0,
     )
     return sampler, loader
 
@@ -263,8 +285,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors; on CUDA the step counts stay on the device, so the
+    step reads nothing back) on CUDA and on the CPU, where it measured 5-7x faster than the default
+    (foreach) kernel (docs/GPU.md); other devices get the default."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+                             fused=device.type in FUSED_ADAMW_DEVICES)
 
 
 def build_scaler(amp_dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.amp.GradScaler]:
@@ -272,9 +297,10 @@ def build_scaler(amp_dtype: Optional[torch.dtype], device: torch.device) -> Opti
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
 
-def wrap_model(model: nn.Module, device: torch.device, distributed: bool, compile_model: bool) -> nn.Module:
-    """The module the loop calls: DDP (when distributed) then torch.compile (when asked).
-    `model` itself stays unwrapped, for checkpoints and evaluation."""
+def wrap_model(model: nn.Module, device: torch.device, distributed: bool, compile_model: bool,
+               compile_mode: Optional[str] = None) -> nn.Module:
+    """The module the loop calls: DDP (when distributed) then torch.compile (when asked, or when a
+    `compile_mode` is given). `model` itself stays unwrapped, for checkpoints and evaluation."""
     wrapped = model
     if distributed:
         # The sin-cos position tables are fixed buffers: no need to broadcast them every step
@@ -284,8 +310,8 @@ def wrap_model(model: nn.Module, device: torch.device, distributed: bool, compil
                           else {"broadcast_buffers": False})
         wrapped = ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=False, **no_buffer_sync)
-    if compile_model:
-        wrapped = torch.compile(wrapped)
+    if compile_model or compile_mode:
+        wrapped = torch.compile(wrapped, mode=None if compile_mode in (None, "default") else compile_mode)
     return wrapped
 
 
@@ -451,6 +477,12 @@ def restore_training_state(checkpoint: dict[str, Any], path: Path, model: nn.Mod
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+def epoch_record(pending: PendingEpoch) -> dict[str, float]:
+    """log.txt's numbers of a trained epoch (waits for its loss; raises if it diverged)."""
+    stats = pending.result()
+    return {k: stats[k] for k in ("train_loss", "lr", "images_per_s")}
+
+
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
                    amp_dtype: Optional[torch.dtype]) -> dict[str, Any]:
     """Anomaly metrics of the (unwrapped) model on the test split; the model is back in train mode after."""
@@ -475,6 +507,9 @@ def main(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.device) -> int:
     """main's body inside the process group: wires the build_* helpers and runs the epochs."""
     amp_dtype = resolve_amp(args.amp, device)
+    if args.compile_mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
+        raise UserError(f"--compile_mode {args.compile_mode} records CUDA graphs: it needs a CUDA device; "
+                        f"on {device.type} use --compile (or --compile_mode default)")
     options = resolve_options(args, info.world_size, amp_dtype, device)
     is_main, out = info.is_main, Path(options["output_dir"])
     seed_everything(args.seed + info.rank)
@@ -485,7 +520,7 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
 
     sampler, loader = build_data(args.data_path, args.input_size, not args.no_jitter, args.batch_size,
                                  args.num_workers, args.pin_mem and device.type == "cuda", info.rank,
-                                 info.world_size, args.seed, options["holdout_files"])
+                                 info.world_size, args.seed, options["holdout_files"], args.data_on_device, device)
     resume_path = find_resume(args.resume, options["output_dir"], is_main)
     checkpoint = read_resume_checkpoint(resume_path, options) if resume_path else None
     model = build_model(args.model, args.input_size, args.norm_pix_loss, args.lora_rank, options["lora_alpha"],
@@ -503,7 +538,7 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
         if is_main:
             print(f"nothing to do: epoch {start_epoch} >= --epochs {args.epochs} (raise --epochs to continue)")
         return 0
-    train_model = wrap_model(model, device, info.enabled, args.compile)
+    train_model = wrap_model(model, device, info.enabled, args.compile, args.compile_mode)
     eval_loader = None
     if args.eval_every and is_main:
         eval_loader = build_eval_loader(args.data_path, args.input_size, args.batch_size, args.num_workers)
@@ -515,27 +550,35 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
             print(f"log.txt: dropped the records of epochs {start_epoch}+ written after {resume_path.name} was saved")
         (out / "args.json").write_text(json.dumps(options, indent=2) + "\n")
         held = len(options["holdout_files"])
-        print(f"training {args.model} on {len(loader.dataset)} images ({held} held out for calibration), {info.world_size} process(es) on {device}, "
-              f"amp {options['amp_dtype']}, lr {options['lr']:.3e} (effective batch {options['eff_batch_size']}), "
-              f"epochs {start_epoch}..{args.epochs - 1}")
+        where = "resident on the device" if isinstance(loader, DeviceBatches) else f"{args.num_workers} loader workers"
+        print(f"training {args.model} on {len(loader.dataset)} images ({held} held out for calibration; {where}), "
+              f"{info.world_size} process(es) on {device}, amp {options['amp_dtype']}, lr {options['lr']:.3e} "
+              f"(effective batch {options['eff_batch_size']}), epochs {start_epoch}..{args.epochs - 1}")
     logger = RunLogger(out, options["log_dir"], enabled=is_main, wandb_name=args.wandb_name, config=options)
     start = time.perf_counter()
+    waiting = None  # (epoch, PendingEpoch) whose record is logged once the next epoch is queued
     try:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(
+            pending = train_one_epoch(
                 train_model, loader, optimizer, device=device, epoch=epoch, epochs=args.epochs,
                 base_lr=options["lr"], min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                 mask_ratio=args.train_mask_ratio, accum_iter=args.accum_iter, amp_dtype=amp_dtype, scaler=scaler,
-                print_freq=args.print_freq, show_progress=is_main)
+                print_freq=args.print_freq, show_progress=is_main, defer_read=True)
+            if waiting is not None:  # read while the device runs this epoch: no stall between epochs
+                logger.log_epoch(waiting[0], epoch_record(waiting[1]))
             last = epoch + 1 == args.epochs
-            record = {k: stats[k] for k in ("train_loss", "lr", "images_per_s")}
-            if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
+            evaluate_now = bool(args.eval_every) and ((epoch + 1) % args.eval_every == 0 or last)
+            numbered = args.save_every > 0 and epoch % args.save_every == 0
+            waiting = None if evaluate_now or numbered or last else (epoch, pending)
+            if waiting is not None:
+                continue
+            record = epoch_record(pending)  # a checkpoint or an evaluation waits for this epoch's loss check
+            if evaluate_now:
                 if eval_loader is not None:  # rank 0 only
                     record.update(evaluate_model(model, eval_loader, device, amp_dtype))
                 dist_util.barrier()  # the other ranks wait for rank 0's evaluation
             logger.log_epoch(epoch, record)
-            numbered = args.save_every > 0 and epoch % args.save_every == 0
             if numbered or last:
                 rng = dist_util.all_gather_objects(rng_state())  # every rank's streams, for an exact resume
                 if is_main:

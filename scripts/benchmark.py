@@ -14,7 +14,7 @@ train, naive       fp32 MAE step (mask ratio 0.75): forward, backward, AdamW (de
 train, fast        what main_train.py does: the same frozen base and trainable set
                    (--freeze_non_lora), autocast bf16 where supported, the frozen linears stored
                    once in bf16 for compute while their exact fp32 tensors stay in host memory for
-                   the checkpoints (cast_frozen_weights(keep_exact=True)), AdamW fused on CUDA.
+                   the checkpoints (cast_frozen_weights(keep_exact=True)), AdamW fused.
 
 Both training phases freeze what an official MAE checkpoint would fill (every non-LoRA parameter
 except the 7x7 patch embedding and decoder_pred, whose shapes differ from the official 16x16 ones).
@@ -40,11 +40,14 @@ Peaks: the best of several timed square matmuls (2048^3 on the CPU, 4096^3 on CU
 bf16, measured at the start and at the end of the same run (the better of the two); achieved
 TFLOP/s are reported as fractions of both. Targets (TARGET_FRAC_BF16_PEAK, for ViT-L/7 at 224 px
 on the CPU): the fast training step at >= 70% of the bf16 peak, fast inference at >= 62%.
---profile N profiles one fast inference call and one fast training step (torch.profiler, self
-time per op) and splits it into linears (mm/addmm, the fused fc1 + GELU of CPU inference and the
+--profile N profiles one fast inference call and one fast training step (torch.profiler). On the
+CPU: self time per op, split into linears (mm/addmm, the fused fc1 + GELU of CPU inference and the
 patch-embedding convolution, forward and backward), attention (QK^T and AV matmuls, softmax, fused
 SDPA, forward and backward) and everything else (norms, GELU, residual adds, casts and copies,
-masking, optimizer, ...), with the N largest ops of the rest.
+masking, optimizer, ...), with the N largest ops of the rest. On CUDA: the device kernels alone
+(operators would count their kernels' time again), split by kernel name into matmul, attention,
+normalization, elementwise, reduction, copy, optimizer, communication and other
+(util.profile_categories), with the N largest kernels of 'other'.
 Memory ("peak MiB") = the path's own model tensors (parameters + buffers, counted exactly) + the
 growth of peak memory during its isolated warmup (activations, autocast copies, optimizer state,
 workspaces): on CUDA max_memory_allocated minus memory_allocated at the start; on the CPU the
@@ -75,6 +78,7 @@ from models_mae import MODELS, AnomalyScorer, MaskedAutoencoderViT, create_model
 from util.cli import DefaultsHelpFormatter, UserError, run_cli  # noqa: E402
 from util.masks import MASK_PATTERNS, make_inference_masks  # noqa: E402
 from util.misc import autocast, bf16_supported, resolve_amp, resolve_device  # noqa: E402
+from util.profile_categories import device_breakdown, format_device_breakdown, kernel_events  # noqa: E402
 from util.smoothing import GaussianSmoothing  # noqa: E402
 
 MASK_RATIO = 0.75
@@ -459,15 +463,21 @@ def op_category(name: str) -> str:
 
 
 def profile_step(fn: Callable[[], object], device: torch.device, top: int) -> tuple[dict, str]:
-    """Profile one call of fn; returns the breakdown (seconds and shares of linears, attention,
-    everything else, and the `top` largest other ops) and torch.profiler's table of the top ops."""
+    """Profile one call of fn; returns the breakdown and torch.profiler's table of the top ops.
+
+    CUDA: the device kernels' time by category, each kernel counted once
+    (util.profile_categories). CPU: self time of the operators in linears, attention and
+    everything else, with the `top` largest other ops."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
         _sync(device)
     events = prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    if device.type == "cuda":
+        return (device_breakdown(kernel_events(prof.events()), top),
+                events.table(sort_by="self_device_time_total", row_limit=top))
+    attr = "self_cpu_time_total"
     seconds = {"linears": 0.0, "attention": 0.0, "other": 0.0}
     other_ops: dict[str, float] = {}
     for event in events:
@@ -484,6 +494,8 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int) -> tu
 
 
 def format_breakdown(b: dict) -> str:
+    if "kernels" in b:  # CUDA: kernel categories
+        return format_device_breakdown(b)
     others = ", ".join(f"{name.removeprefix('aten::')} {t:.3f}s" for name, t in b["top_other_ops_s"].items())
     return (f"linears {b['linears_share']:.0%} ({b['linears_s']:.3f}s), attention {b['attention_share']:.0%} "
             f"({b['attention_s']:.3f}s), everything else {b['other_share']:.0%} ({b['other_s']:.3f}s; "
@@ -533,7 +545,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "fast_path": {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
                       "cast_frozen_weights": cast_frozen,
                       "compile": args.compile_backend if args.compile else False,
-                      "fused_adamw": device.type == "cuda"},
+                      "fused_adamw": True},
         "flops_method": "analytic, see scripts/benchmark.py docstring (same count for naive and fast)",
     }
     build = lambda: build_model(args.model, args.input_size, args.lora_rank, args.seed).to(device)  # noqa: E731
@@ -583,7 +595,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 host_copies_mib = 2 * (fp32_mib - model_mib)  # exact fp32 copies of the (2-byte) cast tensors
                 if device.type == "cpu":
                     model_mib += host_copies_mib
-            opt = make_optimizer(model, device, fused=name == "fast" and device.type == "cuda")
+            opt = make_optimizer(model, device, fused=name == "fast")
             run = torch.compile(model, backend=args.compile_backend) if args.compile and name == "fast" else model
             if args.compile and name == "fast":
                 train_step(run, opt, imgs, device, dtype)  # compile outside the measured steps

@@ -1,7 +1,8 @@
 """Train and score every category of an MVTec AD root in one command, with one results table.
 
     python scripts/run_mvtec.py --mvtec_root ROOT --output_dir OUT [--categories all|a,b,c] [--seeds 0,1,2]
-        [--gpus 0,1,2,3 | all] [--nproc_per_node N] [--save_tiff] [--compare] [--dry_run] [--overwrite]
+        [--gpus 0,1,2,3 | all] [--jobs_per_gpu N] [--nproc_per_node N] [--save_tiff] [--compare] [--dry_run]
+        [--overwrite]
         [main_train.py and main_infer.py options under their own names: --model, --epochs, --num_masks ...]
 
 Each category (raw or prepared layout) is trained by main_train.py and scored by main_infer.py, each a
@@ -22,8 +23,10 @@ A rerun with the same options skips categories with a result.json and resumes in
 (main_train.py --resume auto): resuming is not overwriting. OUT must be empty, hold a run of the same
 options (resumed), or be given with --overwrite (an earlier run with other options is deleted: its
 results.*, run_options.json and category folders, nothing else). main_infer.py always runs with
---overwrite in OUT/<category>: it replaces its own outputs there and keeps train/ and the logs. Categories run one after the other, or on --gpus from a work queue (one process, or with
---nproc_per_node N one torchrun job of N processes, per GPU group).
+--overwrite in OUT/<category>: it replaces its own outputs there and keeps train/ and the logs.
+Categories run one after the other, or on --gpus from a work queue (one process, or with
+--nproc_per_node N one torchrun job of N processes, per GPU group; with --jobs_per_gpu N, N such jobs
+share each GPU group at once: a category's training step does not fill a large GPU).
 """
 import argparse
 import copy
@@ -67,7 +70,8 @@ TRAIN_PER_CATEGORY = ("data_path", "output_dir", "log_dir", "resume", "start_epo
 INFER_PER_CATEGORY = ("checkpoint", "data_path", "images", "output_dir", "split", "save_tiff", "holdout_root",
                       "overwrite")
 # Options that change how a run goes, not what it computes: a rerun may change them.
-NOT_RESULT_OPTIONS = ("num_workers", "pin_mem", "print_freq", "debug", "device", "wandb_name", "compile")
+NOT_RESULT_OPTIONS = ("num_workers", "pin_mem", "print_freq", "debug", "device", "wandb_name", "compile",
+                      "compile_mode", "data_on_device")
 
 METRICS = (("image_auroc", "image_auroc", "Image AUROC"), ("pixel_auroc", "pixel_auroc", "Pixel AUROC"),
            ("aupro", "aupro", "AUPRO"), ("image_f1max", "image_f1_max", "Image F1-max"),
@@ -75,8 +79,8 @@ METRICS = (("image_auroc", "image_auroc", "Image AUROC"), ("pixel_auroc", "pixel
 CSV_COLUMNS = ("category", "kind", *(m[0] for m in METRICS), "train_minutes", "score_ms_per_image", "epochs",
                "seed")
 RESULT_FILE = "result.json"
-RUNNER_DESTS = ("mvtec_root", "output_dir", "categories", "seeds", "gpus", "nproc_per_node", "save_tiff", "kinds",
-                "compare", "overwrite", "dry_run")
+RUNNER_DESTS = ("mvtec_root", "output_dir", "categories", "seeds", "gpus", "jobs_per_gpu", "nproc_per_node",
+                "save_tiff", "kinds", "compare", "overwrite", "dry_run")
 ADAPTER_FILE = "adapter.pth"
 DEFAULT_TEXT = re.compile(r"\s*\(default: [^()]*(\([^()]*\)[^()]*)*\)")  # a help text's "(default: ...)"
 
@@ -110,6 +114,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", default="",
                    help="comma-separated CUDA device ids (or 'all'): categories run concurrently, one per GPU "
                         "(per group of --nproc_per_node GPUs); default: one after the other on --device")
+    g.add_argument("--jobs_per_gpu", type=int, default=1,
+                   help="with --gpus: categories trained and scored at once on each GPU (group), from one work "
+                        "queue; 2-4 keep a large GPU busy where one category's steps leave it idle between kernels")
     g.add_argument("--nproc_per_node", type=int, default=1,
                    help="train each category with torchrun DDP over this many processes (GPUs)")
     g.add_argument("--save_tiff", action="store_true",
@@ -281,11 +288,16 @@ def make_tasks(categories: dict[str, Path], seeds: list[int], out: Path) -> list
 
 
 # ---- GPUs ----------------------------------------------------------------------------------------
-def gpu_slots(spec: str, nproc: int) -> list[Optional[str]]:
-    """CUDA_VISIBLE_DEVICES of each worker: [None] (one worker, environment unchanged) without --gpus."""
+def gpu_slots(spec: str, nproc: int, jobs_per_gpu: int = 1) -> list[Optional[str]]:
+    """CUDA_VISIBLE_DEVICES of each worker: [None] (one worker, environment unchanged) without --gpus;
+    with them, `jobs_per_gpu` workers per GPU group, the groups taking turns (0,1,0,1 ...)."""
     if nproc < 1:
         raise UserError(f"--nproc_per_node {nproc}: must be at least 1")
+    if jobs_per_gpu < 1:
+        raise UserError(f"--jobs_per_gpu {jobs_per_gpu}: must be at least 1")
     if not spec:
+        if jobs_per_gpu > 1:
+            raise UserError(f"--jobs_per_gpu {jobs_per_gpu} needs --gpus (e.g. --gpus 0 or --gpus all)")
         return [None]
     import torch
 
@@ -302,7 +314,8 @@ def gpu_slots(spec: str, nproc: int) -> list[Optional[str]]:
     # ids count within the visible devices: map them back through an inherited CUDA_VISIBLE_DEVICES
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = visible.split(",") if visible else [str(i) for i in range(count)]
-    return [",".join(names[i] for i in ids[k:k + nproc]) for k in range(0, len(ids), nproc)]
+    groups = [",".join(names[i] for i in ids[k:k + nproc]) for k in range(0, len(ids), nproc)]
+    return groups * jobs_per_gpu
 
 
 # ---- run options: a rerun must compute the same thing --------------------------------------------
@@ -505,6 +518,22 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def images_per_epoch(train_options: dict[str, Any]) -> Optional[int]:
+    """Images one epoch trains on, over all processes, from main_train's resolved options: the
+    training images (train/good without the held-out ones), each process's share cut to whole
+    batches (a ragged last batch is dropped unless it is the only one). None if unknown."""
+    from util.datasets import list_images, train_folder
+
+    held = set(train_options.get("holdout_files") or [])
+    try:
+        count = sum(p.name not in held for p in list_images(train_folder(train_options["data_path"])))
+    except (KeyError, UserError):
+        return None
+    world, batch = int(train_options.get("world_size", 1)), int(train_options["batch_size"])
+    share = -(-count // world)  # DistributedSampler pads to equal shares
+    return world * (share if share < batch else share // batch * batch)
+
+
 def run_task(task: Task, plan: Plan, gpus: Optional[str], children: Children) -> Outcome:
     """Train (resuming), score, and record one category and seed; failures come back as an Outcome."""
     run_dir, train_dir = task.run_dir, task.run_dir / "train"
@@ -539,6 +568,7 @@ def run_task(task: Task, plan: Plan, gpus: Optional[str], children: Children) ->
         "train_minutes": timing["seconds"] / 60, "train_attempts": timing["attempts"],
         "score_ms_per_image": 1000 * metrics["score_seconds_per_image"],
         "epochs": infer_options["checkpoint_args"]["epochs"], "device": infer_options["device"],
+        "images_per_epoch": images_per_epoch(infer_options["checkpoint_args"]),
         "amp": infer_options["amp"], "checkpoint": str(checkpoint.relative_to(run_dir)),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -751,10 +781,14 @@ class Results:
         self.reference = parse_reference(REFERENCE_FILE.read_text()) if compare else None
         self.outcomes = {id(t): Outcome(t, "pending") for t in tasks}
         self.lock = threading.RLock()
+        self.started = time.perf_counter()
+        self.last_done: Optional[float] = None  # when the last category run by this invocation finished
 
     def add(self, outcome: Outcome) -> None:
         with self.lock:
             self.outcomes[id(outcome.task)] = outcome
+            if outcome.status == "ok" and not outcome.reused:
+                self.last_done = time.perf_counter()
             self.write()
         task, r = outcome.task, outcome.record
         if outcome.reused:
@@ -782,7 +816,18 @@ class Results:
                      "run_dir": str(o.task.run_dir)} for o in outcomes]
             table = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in rows]
             save_text(self.out / "results.json",
-                      json.dumps({**self.info, "runs": runs, "table": table}, indent=2) + "\n")
+                      json.dumps({**self.info, "runs": runs, "table": table, "throughput": self.throughput()},
+                                 indent=2) + "\n")
+
+    def throughput(self) -> dict[str, Any]:
+        """Images trained per second over all the categories this invocation trained (not the reused
+        ones): every epoch of every finished category (a resumed one counts its earlier epochs too),
+        over the wall time from the start to the last finish, scoring included."""
+        done = [o.record for o in self.outcomes.values() if o.status == "ok" and not o.reused]
+        images = sum((r.get("images_per_epoch") or 0) * r["epochs"] for r in done)
+        wall = (self.last_done - self.started) if self.last_done is not None else 0.0
+        return {"categories": len(done), "images_trained": images, "wall_s": wall,
+                "images_per_s": images / wall if wall > 0 else None}
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -838,7 +883,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = parse_kinds(args.kinds)
     kinds = {name: category_kind(name, path, overrides) for name, path in categories.items()}
     seeds = parse_int_list(args.seeds, "--seeds")
-    slots = gpu_slots(args.gpus, args.nproc_per_node)
+    slots = gpu_slots(args.gpus, args.nproc_per_node, args.jobs_per_gpu)
     plan = build_plan(args, given, parsers, len(slots))
     options = result_options(given, parsers, args.nproc_per_node, seeds, args.save_tiff)
     folder = check_output_dir(out, options, args.overwrite, dry_run=args.dry_run)

@@ -11,6 +11,7 @@ from timm.layers import Mlp as TimmMlp
 import models_mae
 from lora_utils import LoRALinear
 from models_mae import Attention, Mlp
+from util import cpu_kernels
 from util.cpu_kernels import flash_attention_bf16_forward, linear_gelu, linear_gelu_supported
 
 BF16 = torch.bfloat16
@@ -139,6 +140,12 @@ def test_lora_linear_under_autocast_is_bf16_and_close_to_loralib():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+# oneDNN's bf16 matmul (linear_gelu) needs AVX-512 BF16 or AMX; elsewhere the Mlp takes timm's forward.
+NEEDS_ONEDNN_BF16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                       reason="this CPU has no oneDNN bf16 kernels (AVX-512 BF16 / AMX)")
+
+
+@NEEDS_ONEDNN_BF16
 def test_linear_gelu_matches_fp32_and_refuses_gradients():
     torch.manual_seed(0)
     x, weight, bias = torch.randn(3, 7, 32), torch.randn(48, 32) / 6, torch.randn(48)
@@ -158,6 +165,7 @@ def _spy_linear_gelu(monkeypatch) -> list:
     return calls
 
 
+@NEEDS_ONEDNN_BF16
 def test_mlp_fuses_fc1_and_gelu_in_bf16_cpu_inference(monkeypatch):
     torch.manual_seed(0)
     mlp = Mlp(32, 64).eval()
@@ -172,6 +180,7 @@ def test_mlp_fuses_fc1_and_gelu_in_bf16_cpu_inference(monkeypatch):
     assert _relative_error(out, reference) < 2e-2
 
 
+@NEEDS_ONEDNN_BF16
 def test_mlp_takes_timms_forward_when_it_cannot_fuse(monkeypatch):
     mlp = Mlp(16, 32).to(BF16)
     calls = _spy_linear_gelu(monkeypatch)
@@ -213,3 +222,13 @@ def test_bf16_training_step_of_a_model_with_a_long_decoder_matches_fp32(monkeypa
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-2, atol=0)
     for name in checked:
         assert _relative_error(fast_grads[name], ref_grads[name]) < 5e-2, name
+
+
+def test_mlp_without_onednn_bf16_takes_timms_forward(monkeypatch):
+    """On a CPU without oneDNN bf16 kernels, bf16 inference must not try the fused kernel (it would fail)."""
+    monkeypatch.setattr(cpu_kernels, "_onednn_bf16", lambda: False)
+    calls = _spy_linear_gelu(monkeypatch)
+    mlp = Mlp(16, 32).to(BF16).eval()
+    with torch.inference_mode():
+        out = mlp(torch.randn(1, 4, 16, dtype=BF16))
+    assert calls == [] and out.shape == (1, 4, 16)

@@ -77,3 +77,27 @@ def test_demo_on_a_category_without_test_images_stops_before_training(tmp_path):
                            f"VENV={ROOT / '.venv'}"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "has no test/ folder" in done.stderr and "--images" in done.stderr
     assert not (tmp_path / "out").exists()  # nothing trained
+
+
+def _train_args(*overrides: str):
+    return main_train.get_args_parser().parse_args(_demo_commands(*overrides)["main_train.py"])
+
+
+def test_cpu_recipe_is_unchanged(tmp_path):
+    train = _train_args(f"OUT={tmp_path}", "RECIPE=cpu")
+    assert (train.model, train.input_size, train.epochs, train.batch_size, train.lr, train.warmup_epochs,
+            train.train_mask_ratio, train.num_workers) == ("mae_vit_tiny_patch7", 112, 50, 8, 1.5e-3, 4, 0.25, 0)
+
+
+def test_auto_recipe_follows_the_gpu_check(tmp_path):
+    """RECIPE=auto (the default) asks .venv's PyTorch; CUDA_CHECK stands in for it here."""
+    cpu = _train_args(f"OUT={tmp_path}", "CUDA_CHECK=echo cpu")
+    gpu = _train_args(f"OUT={tmp_path}", "CUDA_CHECK=echo gpu")
+    broken = _train_args(f"OUT={tmp_path}", "CUDA_CHECK=false")  # no torch yet, or it fails: the CPU recipe
+    assert (cpu.input_size, cpu.batch_size, cpu.epochs) == (112, 8, 50) == (broken.input_size, broken.batch_size,
+                                                                            broken.epochs)
+    assert (gpu.input_size, gpu.batch_size, gpu.epochs) == (224, 32, 500)
+    assert gpu.model == cpu.model and (ROOT / gpu.pretrained).is_file()  # the same prior
+    forced = _train_args(f"OUT={tmp_path}", "CUDA_CHECK=echo gpu", "DEVICE=cpu")  # DEVICE=cpu: the CPU recipe
+    assert (forced.input_size, forced.device) == (112, "cpu")
+    assert _train_args(f"OUT={tmp_path}", "RECIPE=gpu", "EPOCHS=7").epochs == 7  # overrides still win

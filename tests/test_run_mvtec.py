@@ -337,3 +337,73 @@ def test_several_seeds_give_mean_and_std_per_category_and_for_the_mean_row(tmp_p
     assert "| wood | texture | 85.0 ± 7.1 |" in text  # sample std of 90 and 80
     assert "| **Mean** |  | 72.5 ± 10.6 |" in text  # per-seed means 80 and 65
     assert len(run_mvtec.results_csv(records, kinds).splitlines()) == 1 + 4
+
+
+# ---- --jobs_per_gpu: several categories at once per GPU, on fake GPUs ------------------------------
+def test_jobs_per_gpu_slots(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert run_mvtec.gpu_slots("all", 1, 3) == ["0", "1"] * 3
+    assert run_mvtec.gpu_slots("1", 1, 2) == ["1", "1"]
+    assert run_mvtec.gpu_slots("0,1", 2, 2) == ["0,1", "0,1"]
+    with pytest.raises(UserError, match="--jobs_per_gpu 2 needs --gpus"):
+        run_mvtec.gpu_slots("", 1, 2)
+    with pytest.raises(UserError, match="--jobs_per_gpu 0"):
+        run_mvtec.gpu_slots("0", 1, 0)
+
+
+def test_jobs_per_gpu_runs_every_category_once_and_at_most_n_per_gpu(monkeypatch, tmp_path):
+    """Fake GPUs and a fake run_task: each job sleeps a little, records its CUDA_VISIBLE_DEVICES and how
+    many jobs share its GPU meanwhile; one category fails."""
+    import threading
+    import time
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    names = [f"cat{i:02d}" for i in range(11)]
+    tasks = run_mvtec.make_tasks({n: tmp_path / n for n in names}, [0], tmp_path / "out")
+    lock, running, peak, ran = threading.Lock(), {}, {}, []
+
+    def fake_run_task(task, plan, gpus, children):
+        with lock:
+            running[gpus] = running.get(gpus, 0) + 1
+            peak[gpus] = max(peak.get(gpus, 0), running[gpus])
+            ran.append((task.category, gpus))
+        time.sleep(0.05)
+        with lock:
+            running[gpus] -= 1
+        if task.category == "cat03":
+            raise RuntimeError("simulated crash")
+        record = {"category": task.category, "epochs": 2, "images_per_epoch": 8}
+        return run_mvtec.Outcome(task, "ok", record=record)
+
+    monkeypatch.setattr(run_mvtec, "run_task", fake_run_task)
+    outcomes = []
+    run_mvtec.run_all(tasks, None, run_mvtec.gpu_slots("all", 1, 3), run_mvtec.Children(), outcomes.append)
+    assert sorted(c for c, _ in ran) == names  # every category, none twice
+    assert {g for _, g in ran} == {"0", "1"}
+    assert max(peak.values()) <= 3 and sum(peak.values()) > 2  # at most 3 at once per GPU, and really concurrent
+    failed = [o for o in outcomes if o.status != "ok"]
+    assert [o.task.category for o in failed] == ["cat03"] and failed[0].stage == "runner"  # the others went on
+    assert len(outcomes) == 11
+
+
+def test_throughput_in_results(tmp_path):
+    tasks = run_mvtec.make_tasks({"a": tmp_path / "a", "b": tmp_path / "b"}, [0], tmp_path)
+    results = run_mvtec.Results(tmp_path, tasks, {"a": "object", "b": "object"}, [0], {}, compare=False)
+    results.started -= 10.0  # as if the run had started 10 s ago
+    rec = {"image_auroc": 0.9, "pixel_auroc": 0.9, "aupro": 0.8, "image_f1max": 0.8, "pixel_f1max": 0.5,
+           "train_minutes": 0.1, "score_ms_per_image": 1.0, "epochs": 5, "images_per_epoch": 32}
+    results.add(run_mvtec.Outcome(tasks[0], "ok", record={**rec, "category": "a", "seed": 0}))
+    results.add(run_mvtec.Outcome(tasks[1], "ok", reused=True, record={**rec, "category": "b", "seed": 0}))
+    t = json.loads((tmp_path / "results.json").read_text())["throughput"]
+    assert t["categories"] == 1 and t["images_trained"] == 160  # the reused category is not counted
+    assert 10.0 <= t["wall_s"] < 60 and t["images_per_s"] == pytest.approx(160 / t["wall_s"])
+
+
+def test_images_per_epoch(synthetic_category):
+    options = {"data_path": str(synthetic_category), "batch_size": 3, "world_size": 1, "holdout_files": []}
+    assert run_mvtec.images_per_epoch(options) == 6  # 8 images: two whole batches of 3
+    assert run_mvtec.images_per_epoch({**options, "world_size": 2}) == 6  # 4 each: one batch of 3 each
+    assert run_mvtec.images_per_epoch({**options, "batch_size": 16}) == 8  # one ragged batch, kept
+    assert run_mvtec.images_per_epoch({**options, "data_path": str(synthetic_category / "nope")}) is None

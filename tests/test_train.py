@@ -373,3 +373,15 @@ def test_train_one_epoch_stops_on_nan():
         train_one_epoch(model, batches, opt, device=torch.device("cpu"), epoch=7, epochs=10, base_lr=0.1,
                         min_lr=0.0, warmup_epochs=0, mask_ratio=0.75, show_progress=False)
     assert e.value.exit_code == 1
+
+
+def test_cuda_graph_compile_modes_need_cuda(category, tmp_path, capsys):
+    assert cli(["--data_path", str(category), "--output_dir", str(tmp_path), *TINY, "--device", "cpu",
+                "--compile_mode", "reduce-overhead"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_fused_adamw_on_cpu_and_cuda():
+    model = create_model("mae_vit_tiny_patch7", img_size=28, lora_rank=2)
+    for device in ("cpu", "cuda"):  # building it does not touch the device
+        assert main_train.build_optimizer(model, 1e-3, 0.0, torch.device(device)).defaults["fused"] is True

@@ -19,12 +19,12 @@ Hidden files (names starting with '.', e.g. macOS `._000.png`) are never images.
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from util.cli import UserError, warn
 from util.images import (COMMON_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, PathLike, UnreadableImage,  # noqa: F401
@@ -268,8 +268,9 @@ class TrainDataset(Dataset):
 
     Items are float tensors [3, input_size, input_size] normalised with the ImageNet mean/std.
     With `jitter`, each item is shifted by a random whole number of pixels in [-m, m] along each
-    axis, m = jitter_margin(input_size), the uncovered border repeating the edge pixels (torch RNG,
-    so torch.manual_seed and DataLoader worker seeding apply); the scale is the test images'.
+    axis, m = jitter_margin(input_size), the uncovered border repeating the edge pixels; the scale
+    is the test images'. Training draws the shifts with the indices (`JitteredSampler`); a plain
+    index draws one from the torch RNG.
     Without it items are the resized images unchanged. File names in `exclude` (the held-out
     images) are never read.
     """
@@ -305,12 +306,49 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: Union[int, Tuple[int, int, int]]) -> torch.Tensor:
+        """Item i with a random shift, or for (i, top, left) (`JitteredSampler`) with that one."""
+        if isinstance(i, (tuple, list)):
+            i, top, left = (int(v) for v in i)
+        elif self.margin:
+            top, left = torch.randint(2 * self.margin + 1, (2,)).tolist()
+        else:
+            top = left = 0
         img = self.images[i]  # [3, S + 2m, S + 2m] uint8
         if self.margin:
-            top, left = torch.randint(2 * self.margin + 1, (2,)).tolist()
             img = img[:, top:top + self.input_size, left:left + self.input_size]
         return _normalise(img, self._mean, self._std)  # [3, S, S]
+
+
+def jitter_offsets(count: int, margin: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
+    """The shifts (top, left) [count, 2] int64 in [0, 2*margin] of one rank's epoch, drawn from a
+    generator seeded by (seed, epoch, rank) alone: the same whichever process, worker or device
+    crops the images, and after a resume. Zeros without jitter (margin 0)."""
+    if margin == 0:
+        return torch.zeros(count, 2, dtype=torch.int64)
+    state = np.random.SeedSequence([seed % 2**63, epoch, rank]).generate_state(2, dtype=np.uint64)
+    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.randint(2 * margin + 1, (count, 2), generator=generator)
+
+
+class JitteredSampler(DistributedSampler):
+    """DistributedSampler (the same indices: shuffled by (seed, epoch), this rank's share) that
+    yields (index, top, left): each item's training shift comes with its index (`jitter_offsets`),
+    so a DataLoader over `TrainDataset` and the device-resident batches (util.device_batches) cut
+    the same crops."""
+
+    def __init__(self, dataset: "TrainDataset", num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.margin = dataset.margin
+
+    def plan(self) -> torch.Tensor:
+        """This epoch's items [n, 3] int64: index, top, left."""
+        indices = torch.tensor(list(super().__iter__()), dtype=torch.int64)
+        offsets = jitter_offsets(len(indices), self.margin, self.seed, self.epoch, self.rank)
+        return torch.cat([indices[:, None], offsets], dim=1)
+
+    def __iter__(self):
+        return iter(self.plan().tolist())
 
 
 class TestDataset(Dataset):
