@@ -12,7 +12,6 @@ from scripts import quality_table
 from test_scoring_cli import INFER, _checkpoint, _cli
 
 
-
 def test_the_table_trains_the_makefile_cpu_demo_recipe(tmp_path):
     from test_makefile import _demo_commands
 

@@ -64,13 +64,15 @@ def test_the_choice_follows_the_evidence_and_prefers_raw_on_a_tie(aligned):
     choice = choose_recipes(normal, defective, source, masks, pixel_sigma=0.0)
     again = choose_recipes(normal, defective, source, masks, pixel_sigma=0.0)
     assert choice == again  # deterministic
+    assert choice.per_pixel_eligible == aligned  # a fixed pattern makes the maps consistent
     if aligned:
         # the raw maximum is the fixed bright part in every image; standardising removes it
-        assert choice.image_evidence["mse max s4"] < 0.75
+        assert choice.map_consistency > 0.9 and choice.image_evidence["mse max s4"] < 0.75
         assert choice.image.image_map.endswith("absz") and choice.image_evidence[choice.image.name] > 0.95
     else:
-        # nothing fixed to remove: raw is as good, and the original recipe wins the tie
-        assert choice.image == ImageRecipe("mse", 4.0) and choice.pixel_map == "mse"
+        # nothing fixed to remove: per-pixel statistics are not eligible, the original recipe wins the tie
+        assert choice.map_consistency < 0.2 and choice.image == ImageRecipe("mse", 4.0) and choice.pixel_map == "mse"
+        assert "mse-absz" in choice.pixel_evidence  # still measured and reported
     best = max(choice.image_evidence.values())
     assert choice.image_evidence[choice.image.name] >= best - TOLERANCE
 
