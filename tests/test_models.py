@@ -220,7 +220,9 @@ def test_invalid_scorer_settings(tiny):
     with pytest.raises(ValueError, match="max, topk"):
         AnomalyScorer(tiny, score="mean")
     with pytest.raises(ValueError, match="divisible by num_masks"):
-        AnomalyScorer(tiny, num_masks=3)
+        AnomalyScorer(tiny, num_masks=3, mask_pattern="stripes")
+    with pytest.raises(ValueError, match="square num_masks"):
+        AnomalyScorer(tiny, num_masks=3)  # the default grid pattern
     assert set(MASK_PATTERNS) >= {"stripes", "grid"}
 
 
