@@ -69,6 +69,8 @@ def test_the_choice_follows_the_evidence_and_prefers_raw_on_a_tie(aligned):
         # the raw maximum is the fixed bright part in every image; standardising removes it
         assert choice.map_consistency > 0.9 and choice.image_evidence["mse max s4"] < 0.75
         assert choice.image.image_map.endswith("absz") and choice.image_evidence[choice.image.name] > 0.95
+        assert choice.pixel_evidence["mse-absz"] > choice.pixel_evidence["mse"]  # measured and reported,
+        assert choice.pixel_map == "mse"  # but the pixel map stays raw (util.recipe_choice)
     else:
         # nothing fixed to remove: per-pixel statistics are not eligible, the original recipe wins the tie
         assert choice.map_consistency < 0.2 and choice.image == ImageRecipe("mse", 4.0) and choice.pixel_map == "mse"
