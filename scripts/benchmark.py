@@ -531,16 +531,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     batch, steps, warmup = args.batch_size, args.steps, args.warmup
     mem = PeakMemory(device)
     n_mm = 4096 if device.type == "cuda" else 2048
+    # A CPU without bf16 instructions (no AVX-512 BF16 / AMX) emulates bf16 matmuls at ~1 GFLOP/s
+    # (a 2048^3 one: ~10 s), and autocast runs fp32 there: its fp32 peak stands for both.
+    bf16_native = bf16_supported(device)
     # measured at the start and again at the end; the better of the two is the peak, so a burst of
     # load from other processes during one of them does not lower it
-    peaks = {"fp32": peak_matmul_gflops(device, torch.float32, n_mm),
-             "bf16": peak_matmul_gflops(device, torch.bfloat16, n_mm)}
+    peaks = {"fp32": peak_matmul_gflops(device, torch.float32, n_mm)}
+    peaks["bf16"] = peak_matmul_gflops(device, torch.bfloat16, n_mm) if bf16_native else peaks["fp32"]
     torch.manual_seed(args.seed + 1)
     imgs = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
     result = {
         "model": args.model, "input_size": args.input_size, "batch_size": batch, "num_masks": args.num_masks,
         "mask_pattern": args.mask_pattern, "lora_rank": args.lora_rank, "steps": steps, "warmup": warmup,
-        "machine": machine_info(device), "peak_gflops": {**peaks, "matmul_size": n_mm},
+        "machine": machine_info(device), "peak_gflops": {**peaks, "matmul_size": n_mm, "bf16_native": bf16_native},
         "memory_kind": mem.kind,
         "fast_path": {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
                       "cast_frozen_weights": cast_frozen,
@@ -611,8 +614,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                            "gflop_per_step": flops / 1e9, "fast_exact_copies_mib": host_copies_mib}
         del paths, keep, measured
         gc.collect()
-    for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))[:2 if bf16_native else 1]:
         peaks[key] = max(peaks[key], peak_matmul_gflops(device, dtype, n_mm))
+    if not bf16_native:
+        peaks["bf16"] = peaks["fp32"]
     result["peak_gflops"].update(peaks)
     _add_peak_fractions(result, peaks)
     result["load_avg_1min_end"] = _load_avg()
