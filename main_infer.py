@@ -756,7 +756,8 @@ def main(args: argparse.Namespace) -> int:
     pictures = [name for name in ("summary.png", "roc.png") if labelled and (out / name).is_file()]
     save_text(out / REPORT_NAME, render_report(
         "MAE-AD report", f"{'--data_path' if labelled else '--images'} {args.data_path or args.images}; checkpoint "
-        f"{args.checkpoint}; image map {scoring['image_map']}, pixel map {scoring['pixel_map']}",
+        f"{args.checkpoint}; image map {scoring['image_map']}, pixel map {scoring['pixel_map']} "
+        f"({scoring_record['source'].removeprefix('note: ')})",
         images, skipped, threshold_line(threshold), metrics, pictures,
         ["scores.csv", "skipped.csv"] + (["metrics.json"] if labelled else [])))
     lines.append(count_line(images, skipped, out / "skipped.csv"))
