@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main_infer  # noqa: E402
 from models_mae import AnomalyScorer, MaskedAutoencoderViT  # noqa: E402
+from scoring import ScoringOptions  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import TestDataset, find_test_items  # noqa: E402
 from util.visualize import save_reconstruction_grid  # noqa: E402
@@ -54,9 +55,8 @@ def measure(checkpoint: str, data_path: str, batch_size: int, keep: int = 0) -> 
     """Mean patch r and image r of one checkpoint on the normal test images of `data_path`; with
     keep > 0 also the first `keep` images and their reconstructions (`images_kept`, `recons_kept`)."""
     model = main_infer.build_model(checkpoint)[0]  # the reconstructions need no calibration
-    defaults = main_infer.get_args_parser()
-    scorer = AnomalyScorer(model, num_masks=defaults.get_default("num_masks"),
-                           mask_pattern=defaults.get_default("mask_pattern"))
+    defaults = ScoringOptions()  # main_infer.py's global defaults
+    scorer = AnomalyScorer(model, num_masks=defaults.num_masks, mask_pattern=defaults.mask_pattern)
     items = [item for item in find_test_items(data_path) if item.label == 0]
     if not items:
         raise UserError(f"{data_path} has no normal test images (test/good)")
