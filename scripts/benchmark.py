@@ -82,7 +82,7 @@ from util.profile_categories import device_breakdown, format_device_breakdown, k
 from util.smoothing import GaussianSmoothing  # noqa: E402
 
 MASK_RATIO = 0.75
-# Fast path's share of the bf16 matmul peak for ViT-L/7 at 224 px on a CPU (issue 15's targets).
+# Fast path's share of the bf16 matmul peak for ViT-L/7 at 224 px on a CPU (the speed targets, docs/SPEED.md).
 TARGET_FRAC_BF16_PEAK = {"inference": 0.62, "train": 0.70}
 TARGET_MODEL, TARGET_SIZE = "mae_vit_large_patch7", 224
 

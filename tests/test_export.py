@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 56  # 8x8 patch grid
 TRAIN_ARGS = {"model": "mae_vit_tiny_patch7", "input_size": SIZE, "norm_pix_loss": False, "lora_rank": 4,
               "lora_alpha": None, "lora_dropout": 0.0, "lora_targets": ["qkv", "proj"], "epochs": 1}
-# What "scores the same" means for every engine (the numbers; scripts/export.py checks them too).
+# What "scores the same" means for every engine (docs/DEPLOYMENT.md; scripts/export.py checks them too).
 MAP_ATOL, SCORE_RTOL = 1e-4, 1e-5
 # Runs predict_onnx.py with torch made unimportable: any `import torch` in it (or in what it imports) fails.
 NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
