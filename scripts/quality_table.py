@@ -137,7 +137,7 @@ def score_run(by_pattern: dict[str, dict[str, Any]]) -> dict[str, Any]:
     image = {c.name: image_metric(grid, c) for c in IMAGE_CANDIDATES}
     pixel = {r: pixel_metrics(grid, r) for r in PIXEL_CANDIDATES}
     evidence = HoldoutEvidence(grid["normal"], grid["defective"], grid["source"], grid["defect_masks"])
-    choice = evidence.choose(pixel_sigma=4.0).to_dict()
+    choice = evidence.choose(ScoringOptions.sigma).to_dict()
     auto_image = ImageRecipe(choice["image_map"], choice["image_sigma"], choice["score"], choice["topk_fraction"]).name
     oracle_image = max(image, key=image.get)
     oracle_pixel = max(pixel, key=lambda r: sum(pixel[r]))  # by pixel AUROC + AUPRO, as the evidence

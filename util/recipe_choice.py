@@ -141,11 +141,13 @@ def choose_recipes(normal: dict[str, torch.Tensor], defective: dict[str, torch.T
     n, m = next(iter(normal.values())).shape[0], source.numel()
     labels = np.r_[np.zeros(n), np.ones(m)]
     masks = np.concatenate([np.zeros((n,) + tuple(defect_masks.shape[1:]), bool), defect_masks.numpy()])
-    smoothed: dict[float, tuple[dict, dict]] = {}
+    smoothed = {}  # sigma -> (normal, defective) maps smoothed by it, each sigma once
+    for sigma in {c.image_sigma for c in image_candidates} | {pixel_sigma}:
+        smoothing = GaussianSmoothing(sigma)
+        smoothed[sigma] = tuple({e: smoothing(x.float()) for e, x in maps.items()} for maps in (normal, defective))
 
     def level(sigma: float, recipe: str) -> torch.Tensor:
-        normal_s, defective_s = smoothing_cache(smoothed, sigma, normal, defective)[sigma]
-        a, b = _recipe_maps(normal_s, defective_s, source, MapSpec.parse(recipe))
+        a, b = _recipe_maps(*smoothed[sigma], source, MapSpec.parse(recipe))
         return torch.cat([a, b])  # [n + m, S, S]
 
     image_evidence = {}
@@ -161,16 +163,6 @@ def choose_recipes(normal: dict[str, torch.Tensor], defective: dict[str, torch.T
     image_ok = {c.name for c in image_candidates if allowed or not _per_pixel(c.image_map)}
     image = {c.name: c for c in image_candidates}[_best(image_evidence, image_ok)]
     return RecipeChoice(image, PIXEL_MAP, image_evidence, pixel_evidence, consistency, allowed, n, m)
-
-
-def smoothing_cache(cache: dict, sigma: float, normal: dict[str, torch.Tensor],
-                    defective: dict[str, torch.Tensor]) -> dict:
-    """Fill cache[sigma] with (normal, defective) maps smoothed by sigma once; returns the cache."""
-    if sigma not in cache:
-        smoothing = GaussianSmoothing(sigma)
-        cache[sigma] = ({e: smoothing(x.float()) for e, x in normal.items()},
-                        {e: smoothing(x.float()) for e, x in defective.items()})
-    return cache
 
 
 def choice_from_dict(d: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
