@@ -13,7 +13,7 @@ pattern (computed once, then re-read). From those maps, with no retraining:
   raw mse pixel map);
 - each grid-mask candidate of util.recipe_choice, image and pixel level separately;
 - auto: the per-category choice made from held-out normal images only (util.recipe_choice), the
-  pixel map the synthetic defects would have picked (measured, not used), and the choice the test
+  pixel map the synthetic defects prefer without the margin the choice demands, and the choice the test
   labels would have made among the same candidates (oracle), with what the difference cost.
 Writes OUT/quality.json and OUT/quality.md (per category, per kind and the means).
 """
@@ -62,12 +62,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def kind_of(root: Path) -> str:
-    """texture or object, from the generators' marker file (.synthetic_mvtec.json); object without one."""
+def kind_of(root: Path) -> tuple[str, bool]:
+    """(texture or object, whether it is a real-photo category), from the generators' marker file
+    (.synthetic_mvtec.json); an object and not a photo without one."""
     marker = root / ".synthetic_mvtec.json"
-    if marker.is_file():
-        return "texture" if json.loads(marker.read_text()).get("kind") == "texture" else "object"
-    return "object"
+    if not marker.is_file():
+        return "object", False
+    meta = json.loads(marker.read_text())
+    return ("texture" if meta.get("kind") == "texture" else "object"), meta.get("generator", "").endswith(
+        "make_photo_mvtec.py")
 
 
 def train(root: Path, run_dir: Path, pretrained: str | None) -> None:
@@ -141,7 +144,7 @@ def score_run(by_pattern: dict[str, dict[str, Any]]) -> dict[str, Any]:
     auto_image = ImageRecipe(choice["image_map"], choice["image_sigma"], choice["score"], choice["topk_fraction"]).name
     oracle_image = max(image, key=image.get)
     oracle_pixel = max(pixel, key=lambda r: sum(pixel[r]))  # by pixel AUROC + AUPRO, as the evidence
-    # the pixel map the synthetic defects would pick: measured, not used (util.recipe_choice)
+    # the pixel map the synthetic defects prefer, without util.recipe_choice's PIXEL_MARGIN
     held_out = {r: v for r, v in choice["evidence"]["pixel_auroc_aupro_mean"].items()
                 if choice["evidence"]["per_pixel_eligible"] or MapSpec.parse(r).norm == "raw"}
     held_out_pixel = max(held_out, key=held_out.get)
@@ -159,7 +162,7 @@ def score_run(by_pattern: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 ROWS = (("original", "original method (stripes, raw mse max)"), ("previous", "previous defaults (stripes, "
         "fusion-absz image map)"), ("grid_raw_mse", "grid masks, raw mse"), ("auto", "grid + per-category choice"),
-        ("held_out_pixel", "as above, with the pixel map the synthetic defects prefer (not used)"),
+        ("held_out_pixel", "as above, pixel map chosen without the margin (not used)"),
         ("oracle", "grid + the test labels' choice (not deployable)"))
 
 
@@ -167,12 +170,13 @@ def fmt(m: dict[str, float]) -> str:
     return " / ".join(f"{m[k]:.3f}" for k in METRICS)
 
 
-def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
+def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str], photos: list[str]) -> str:
     """Per init: one row per recipe, one column per category, then the kinds' and photo means."""
     lines = []
     for init, runs in results.items():
         cats = list(runs)
         groups = {f"mean {k}": [c for c in cats if kinds[c] == k] for k in ("texture", "object")}
+        groups["mean photo"] = [c for c in cats if c in photos] if len(set(cats) - set(photos)) else []
         lines += [f"### init: {init} (image AUROC / pixel AUROC / AUPRO)", "",
                   "| recipe | " + " | ".join(cats) + " | " + " | ".join(g for g, m in groups.items() if m) + " |",
                   "|---" * (1 + len(cats) + sum(1 for m in groups.values() if m)) + "|"]
@@ -182,8 +186,8 @@ def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
                 if members:
                     cells.append(fmt({k: float(np.mean([runs[c][key][k] for c in members])) for k in METRICS}))
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
-        lines += ["", "| category | kind | chosen image recipe (test labels' choice) | pixel map (synthetic defects' "
-                  "choice; test labels' choice) | cost: image AUROC / pixel AUROC / AUPRO | map consistency |",
+        lines += ["", "| category | kind | chosen image recipe (test labels' choice) | pixel map (without the margin; "
+                  "test labels' choice) | cost: image AUROC / pixel AUROC / AUPRO | map consistency |",
                   "|---|---|---|---|---|---|"]
         for c in cats:
             ch, auto, oracle = runs[c]["choice"], runs[c]["auto"], runs[c]["oracle"]
@@ -222,10 +226,11 @@ def main(args: argparse.Namespace) -> int:
             by_pattern = {p: cached_maps(run_dir, root, p, device) for p in PATTERNS}
             results.setdefault(init, {})[name] = run = score_run(by_pattern)
             print(f"{run_dir.name}: original {fmt(run['original'])}  auto {fmt(run['auto'])}", flush=True)
-    kinds = {n: kind_of(r) for n, r in categories.items()}
-    (out / "quality.json").write_text(json.dumps({"kinds": kinds, "tolerance": TOLERANCE, "results": results},
-                                                 indent=1) + "\n")
-    (out / "quality.md").write_text(markdown(results, kinds) + "\n")
+    kinds = {n: kind_of(r)[0] for n, r in categories.items()}
+    photos = [n for n, r in categories.items() if kind_of(r)[1]]
+    (out / "quality.json").write_text(json.dumps({"kinds": kinds, "photos": photos, "tolerance": TOLERANCE,
+                                                  "results": results}, indent=1) + "\n")
+    (out / "quality.md").write_text(markdown(results, kinds, photos) + "\n")
     print(f"wrote {out / 'quality.md'} and quality.json", flush=True)
     return 0
 

@@ -53,3 +53,27 @@ def test_rows_are_the_candidates_on_one_checkpoint(synthetic_category, tmp_path,
     code, _, err = _cli(quality_table, ["--categories", f"cat={synthetic_category}", "--output_dir",
                                         tmp_path / "out", "--no_train"], capsys)
     assert code == 0 and (tmp_path / "out" / "quality.json").read_text() == (tmp_path / "first.json").read_text()
+
+
+def test_kinds_and_the_photo_mean_come_from_the_generators_markers(tmp_path):
+    photo, drawn, bare = tmp_path / "grass", tmp_path / "capsule", tmp_path / "bare"
+    for root, meta in ((photo, {"kind": "texture", "generator": "scripts/make_photo_mvtec.py"}),
+                       (drawn, {"kind": "capsule"})):
+        root.mkdir()
+        (root / ".synthetic_mvtec.json").write_text(json.dumps(meta))
+    bare.mkdir()
+    assert [quality_table.kind_of(r) for r in (photo, drawn, bare)] == [("texture", True), ("object", False),
+                                                                        ("object", False)]
+
+    def run(value):
+        row = dict.fromkeys(quality_table.METRICS, value)
+        choice = {"image": "mse max s4", "oracle_image": "mse max s4", "pixel": "mse", "held_out_pixel": "mse",
+                  "oracle_pixel": "mse", "evidence": {"map_consistency": 0.5}}
+        return {**{key: row for key, _ in quality_table.ROWS}, "choice": choice}
+
+    table = quality_table.markdown({"scratch": {"grass": run(0.25), "capsule": run(0.75)}},
+                                   {"grass": "texture", "capsule": "object"}, ["grass"])
+    header = next(line for line in table.splitlines() if line.startswith("| recipe"))
+    assert header.endswith("| mean texture | mean object | mean photo |")
+    first = next(line for line in table.splitlines() if line.startswith("| original method"))
+    assert first.split(" | ")[-1] == "0.250 / 0.250 / 0.250 |"  # the photo mean: grass only

@@ -12,7 +12,7 @@ import main_infer
 from models_mae import create_model
 from scoring import LEGACY_OPTIONS, ScoringOptions, checkpoint_defaults, holdout_choice
 from util.defect_synthesis import DEFECT_KINDS, synthetic_defects
-from util.recipe_choice import TOLERANCE, ImageRecipe, choose_recipes
+from util.recipe_choice import PIXEL_MARGIN, TOLERANCE, ImageRecipe, choose_recipes
 
 from test_scoring_cli import INFER, SIZE, _checkpoint, _cli, _rows
 
@@ -69,14 +69,27 @@ def test_the_choice_follows_the_evidence_and_prefers_raw_on_a_tie(aligned):
         # the raw maximum is the fixed bright part in every image; standardising removes it
         assert choice.map_consistency > 0.9 and choice.image_evidence["mse max s4"] < 0.75
         assert choice.image.image_map.endswith("absz") and choice.image_evidence[choice.image.name] > 0.95
-        assert choice.pixel_evidence["mse-absz"] > choice.pixel_evidence["mse"]  # measured and reported,
-        assert choice.pixel_map == "mse"  # but the pixel map stays raw (util.recipe_choice)
+        # a calibrated pixel map leads, but by less than PIXEL_MARGIN: the pixel map stays raw
+        assert 0 < choice.pixel_evidence["mse-absz"] - choice.pixel_evidence["mse"] < PIXEL_MARGIN
+        assert choice.pixel_map == "mse"
     else:
         # nothing fixed to remove: per-pixel statistics are not eligible, the original recipe wins the tie
         assert choice.map_consistency < 0.2 and choice.image == ImageRecipe("mse", 4.0) and choice.pixel_map == "mse"
         assert "mse-absz" in choice.pixel_evidence  # still measured and reported
     best = max(choice.image_evidence.values())
     assert choice.image_evidence[choice.image.name] >= best - TOLERANCE
+
+
+def test_a_calibrated_pixel_map_is_chosen_only_with_a_clear_lead():
+    rng, s, n = np.random.default_rng(0), 32, 10
+    normal = _maps(n, s, rng, fixed=True)
+    for m in normal.values():
+        m[:, :10] += 3.0  # a large fixed bright band: the raw map's false alarms cover a third of the image
+    source = torch.arange(n).repeat(2)
+    defective, masks = _with_bumps(normal, source, rng, s)
+    choice = choose_recipes(normal, defective, source, masks, pixel_sigma=0.0)
+    assert choice.pixel_evidence[choice.pixel_map] - choice.pixel_evidence["mse"] >= PIXEL_MARGIN
+    assert choice.pixel_map.endswith("absz") and choice.to_dict()["evidence"]["pixel_margin"] == PIXEL_MARGIN
 
 
 def test_checkpoint_defaults_use_the_stored_choice_and_old_checkpoints_the_old_defaults():
