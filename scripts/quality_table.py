@@ -226,8 +226,9 @@ def main(args: argparse.Namespace) -> int:
             by_pattern = {p: cached_maps(run_dir, root, p, device) for p in PATTERNS}
             results.setdefault(init, {})[name] = run = score_run(by_pattern)
             print(f"{run_dir.name}: original {fmt(run['original'])}  auto {fmt(run['auto'])}", flush=True)
-    kinds = {n: kind_of(r)[0] for n, r in categories.items()}
-    photos = [n for n, r in categories.items() if kind_of(r)[1]]
+    markers = {n: kind_of(r) for n, r in categories.items()}  # name -> (kind, is_photo)
+    kinds = {n: kind for n, (kind, _) in markers.items()}
+    photos = [n for n, (_, is_photo) in markers.items() if is_photo]
     (out / "quality.json").write_text(json.dumps({"kinds": kinds, "photos": photos, "tolerance": TOLERANCE,
                                                   "results": results}, indent=1) + "\n")
     (out / "quality.md").write_text(markdown(results, kinds, photos) + "\n")
