@@ -1,6 +1,6 @@
 """CPU bf16 kernels, each against an fp32 reference: the flash attention with a bf16 forward and an
 fp32 backward and the model's Attention paths (training), the LoRA layer's forward, and the fused
-fc1 + GELU of the model's Mlp (inference)."""
+fc1 + GELU of the model's Mlp (inference); and which of them each CPU kind takes (faked features)."""
 import loralib as lora
 import pytest
 import torch
@@ -11,8 +11,10 @@ from timm.layers import Mlp as TimmMlp
 import models_mae
 from lora_utils import LoRALinear
 from models_mae import Attention, Mlp
-from util import cpu_kernels
+from cpu_kinds import BF16_KINDS, CPU_KINDS, fake_cpu
+from lora_utils import cast_frozen_weights, merge_lora
 from util.cpu_kernels import flash_attention_bf16_forward, linear_gelu, linear_gelu_supported
+from util.misc import autocast, resolve_amp
 
 BF16 = torch.bfloat16
 
@@ -160,8 +162,9 @@ def test_linear_gelu_matches_fp32_and_refuses_gradients():
 
 
 def _spy_linear_gelu(monkeypatch) -> list:
-    calls = []
-    monkeypatch.setattr(models_mae, "linear_gelu", lambda *a: calls.append(1) or linear_gelu(*a))
+    """Count the model's calls of the fused kernel (each still runs, or its stand-in on a faked CPU)."""
+    calls, kernel = [], models_mae.linear_gelu
+    monkeypatch.setattr(models_mae, "linear_gelu", lambda *a: calls.append(1) or kernel(*a))
     return calls
 
 
@@ -225,10 +228,47 @@ def test_bf16_training_step_of_a_model_with_a_long_decoder_matches_fp32(monkeypa
 
 
 def test_mlp_without_onednn_bf16_takes_timms_forward(monkeypatch):
-    """On a CPU without oneDNN bf16 kernels, bf16 inference must not try the fused kernel (it would fail)."""
-    monkeypatch.setattr(cpu_kernels, "_onednn_bf16", lambda: False)
+    """On a CPU without oneDNN bf16 kernels, bf16 inference (`--amp bf16` asked for) must not try the
+    fused kernel (it would fail)."""
+    fake_cpu(monkeypatch, "no_bf16")
     calls = _spy_linear_gelu(monkeypatch)
     mlp = Mlp(16, 32).to(BF16).eval()
     with torch.inference_mode():
         out = mlp(torch.randn(1, 4, 16, dtype=BF16))
     assert calls == [] and out.shape == (1, 4, 16)
+
+
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+def test_each_cpu_kind_takes_its_kernels(kind, monkeypatch):
+    """`--amp auto` on each CPU kind: bf16 and the CPU kernels (training: matmul attention for short
+    sequences, the flash kernel for long ones; scoring: the fused fc1 + GELU) where the CPU has bf16
+    instructions; fp32 and timm's forwards where it has not."""
+    features = fake_cpu(monkeypatch, kind)
+    assert features.kind == kind
+    amp = resolve_amp("auto", torch.device("cpu"))
+    bf16 = kind in BF16_KINDS
+    assert amp == (BF16 if bf16 else None)
+    flash_calls, fused_calls = _spy_flash_attention(monkeypatch), _spy_linear_gelu(monkeypatch)
+    timm_calls, timm_forward = [], TimmAttention.forward
+    monkeypatch.setattr(TimmAttention, "forward",
+                        lambda self, *a, **kw: timm_calls.append(1) or timm_forward(self, *a, **kw))
+
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, qkv_bias=True).train()
+    for length in (9, Attention.SHORT_SEQUENCE + 1):  # a training step's encoder and decoder lengths
+        with autocast(torch.device("cpu"), amp):
+            out = attn(torch.randn(1, length, 32, requires_grad=True))
+        out.float().sum().backward()
+        assert out.dtype == (BF16 if bf16 else torch.float32)
+    assert (len(flash_calls), len(timm_calls)) == ((1, 0) if bf16 else (0, 2))
+
+    model = models_mae.create_model("mae_vit_tiny_patch7", img_size=28, lora_rank=2)
+    merge_lora(model)  # as main_infer prepares the model
+    model.eval().requires_grad_(False)
+    if amp is not None:
+        cast_frozen_weights(model, amp)
+    scorer = models_mae.AnomalyScorer(model, num_masks=4, mask_pattern="grid").eval()
+    with torch.inference_mode(), autocast(torch.device("cpu"), amp):
+        scores = scorer(torch.randn(1, 3, 28, 28)).scores
+    assert len(fused_calls) == (len(model.blocks) + len(model.decoder_blocks) if bf16 else 0)
+    assert torch.isfinite(scores).all()

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from util import misc
+
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -58,13 +60,11 @@ _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwi
 
 def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_gelu` can run here: a CPU build with oneDNN that has bf16 kernels for this CPU
-    (AVX-512 BF16 / AMX: without them oneDNN has no bf16 matmul to fuse into), bf16 weights, no gradients."""
+    (util.misc.cpu_features; an AVX-512 BF16 or AMX CPU has them, an AVX2-only one has no bf16 matmul to
+    fuse into), bf16 weights, no gradients."""
     return (_LINEAR_POINTWISE is not None and torch.backends.mkldnn.is_available() and x.device.type == "cpu"
-            and weight.dtype == torch.bfloat16 and not torch.is_grad_enabled() and _onednn_bf16())
-
-
-def _onednn_bf16() -> bool:
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and weight.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+            and misc.cpu_features().onednn_bf16)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

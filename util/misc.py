@@ -1,8 +1,9 @@
-"""Small shared helpers: atomic saves, device and mixed-precision choice."""
+"""Small shared helpers: atomic saves, device and mixed-precision choice, the CPU's bf16 features."""
+import functools
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,12 +47,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+class CpuFeatures(NamedTuple):
+    """What the CPU offers bf16 work, as PyTorch detects it."""
+
+    avx512_bf16: bool  # AVX-512 BF16 instructions (bf16 dot products in the vector units)
+    amx: bool  # AMX tiles: bf16 matrix units
+    onednn_bf16: bool  # oneDNN has bf16 kernels here (util.cpu_kernels.linear_gelu runs on them)
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 runs natively; without it PyTorch emulates bf16 maths, slower than fp32."""
+        return self.avx512_bf16 or self.amx
+
+    @property
+    def kind(self) -> str:
+        """The CPU kind the speed tables are measured per (docs/SPEED.md): amx, avx512_bf16 or no_bf16."""
+        return "amx" if self.amx else "avx512_bf16" if self.avx512_bf16 else "no_bf16"
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    """This CPU's bf16 features: the one place they are detected. Every branch on the CPU kind (the
+    autocast dtype and with it the frozen weights' storage, the CPU kernels, the benchmark's peaks)
+    calls this at run time through the module, so a test that replaces it fakes the machine."""
+    try:
+        onednn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        onednn = False
+    return CpuFeatures(avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
+                       amx=bool(torch.cpu._is_amx_tile_supported()), onednn_bf16=onednn)
+
+
 def bf16_supported(device: torch.device) -> bool:
     """bf16 runs fast here: a CUDA GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return cpu_features().bf16
     return False
 
 
