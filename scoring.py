@@ -26,7 +26,7 @@ from engine import collect_error_maps
 from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, TestDataset, holdout_items
-from util.defect_synthesis import synthetic_defects
+from util.defects import synthetic_defects
 from util.recipe_choice import RecipeChoice, choice_from_dict, choose_recipes
 from util.smoothing import GaussianSmoothing
 

@@ -11,7 +11,7 @@ import torch
 import main_infer
 from models_mae import create_model
 from scoring import LEGACY_OPTIONS, ScoringOptions, checkpoint_defaults, holdout_choice
-from util.defect_synthesis import DEFECT_KINDS, synthetic_defects
+from util.defects import EVIDENCE_KINDS as DEFECT_KINDS, synthetic_defects
 from util.recipe_choice import PIXEL_MARGIN, TOLERANCE, ImageRecipe, choose_recipes
 
 from test_scoring_cli import INFER, SIZE, _checkpoint, _cli, _rows
