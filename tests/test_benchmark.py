@@ -1,5 +1,7 @@
 """scripts/benchmark.py and the fast path it measures: same numbers as the naive baseline, honest
-FLOP counts, the promised JSON. No speed is asserted here (speed targets live in the benchmark)."""
+FLOP counts, the promised JSON, the peaks and the fast path of each CPU kind (faked features). No
+speed is asserted here (speed targets live in the benchmark); measured shares are checked only for
+invariants that hold on every CPU kind (tests/cpu_kinds.py)."""
 import copy
 import json
 import subprocess
@@ -14,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
+from cpu_kinds import BF16_KINDS, CPU_KINDS, check_peak_shares, fake_cpu  # noqa: E402
 from benchmark import (build_model, fast_anomaly, fast_scorer, freeze_non_lora, inference_flops,  # noqa: E402
                        naive_anomaly, official_keys, train_flops)
 from lora_utils import cast_frozen_weights, unmerged_state_dict  # noqa: E402
@@ -162,8 +165,7 @@ def test_script_end_to_end_writes_the_promised_json(tmp_path):
         for key in ("naive_img_s", "fast_img_s", "speedup", "naive_tflops", "fast_tflops",
                     "fast_frac_bf16_peak", "naive_peak_mem_mib"):
             assert result[phase][key] > 0, (phase, key)
-        for key in ("naive_frac_bf16_peak", "naive_frac_fp32_peak", "fast_frac_bf16_peak", "fast_frac_fp32_peak"):
-            assert 0 < result[phase][key] <= 1, (phase, key)
+        check_peak_shares(result[phase], result["peak_gflops"]["bf16_native"])
         breakdown = result[f"{phase}_breakdown"]
         shares = [breakdown[f"{k}_share"] for k in ("linears", "attention", "other")]
         assert all(0 <= s <= 1 for s in shares) and sum(shares) == pytest.approx(1.0)
@@ -191,3 +193,51 @@ def test_profile_categories():
 def test_help_explains_the_comparison():
     text = benchmark.get_args_parser().format_help()
     assert "naive" in text and "--output" in text and "--compile" in text
+
+
+FAKE_PEAKS = {torch.float32: 300.0, torch.bfloat16: 2000.0}  # GFLOP/s
+
+
+def _fake_peak_matmul(monkeypatch) -> list:
+    """peak_matmul_gflops answering FAKE_PEAKS at once; returns the dtypes it was asked for."""
+    asked = []
+    monkeypatch.setattr(benchmark, "peak_matmul_gflops",
+                        lambda device, dtype, n, min_time=0.5: asked.append(dtype) or FAKE_PEAKS[dtype])
+    return asked
+
+
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+def test_peaks_of_each_cpu_kind(kind, monkeypatch):
+    """The bf16 peak is measured where the CPU has bf16 instructions; elsewhere (an emulated bf16 matmul
+    takes seconds and is no peak) the fp32 peak stands for it. The end-of-run measurement keeps the better."""
+    fake_cpu(monkeypatch, kind)
+    asked = _fake_peak_matmul(monkeypatch)
+    peaks = benchmark.matmul_peaks(CPU, 64)
+    if kind in BF16_KINDS:
+        assert peaks == {"fp32": 300.0, "bf16": 2000.0} and asked == [torch.float32, torch.bfloat16]
+        assert benchmark.matmul_peaks(CPU, 64, best={"fp32": 310.0, "bf16": 1900.0}) == {"fp32": 310.0, "bf16": 2000.0}
+    else:
+        assert peaks == {"fp32": 300.0, "bf16": 300.0} and asked == [torch.float32]
+        assert benchmark.matmul_peaks(CPU, 64, best=peaks | {"fp32": 310.0}) == {"fp32": 310.0, "bf16": 310.0}
+
+
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+def test_run_of_each_cpu_kind(kind, monkeypatch, one_thread):
+    """A whole (tiny) run on each CPU kind: the fast path in bf16 with the frozen weights stored in bf16
+    where the CPU has bf16 instructions, in fp32 elsewhere, where both peak shares are the fp32 one."""
+    fake_cpu(monkeypatch, kind)
+    _fake_peak_matmul(monkeypatch)
+    args = benchmark.get_args_parser().parse_args(["--model", "mae_vit_tiny_patch7", "--input_size", "28",
+                                                   "--steps", "1", "--warmup", "1"])
+    result = benchmark.run_benchmark(args)
+    bf16 = kind in BF16_KINDS
+    assert result["machine"]["cpu_kind"] == kind and result["machine"]["bf16_supported"] is bf16
+    assert result["fast_path"]["amp"] == ("bfloat16" if bf16 else "none")
+    assert result["fast_path"]["cast_frozen_weights"] is bf16 and (result["train"]["fast_exact_copies_mib"] > 0) is bf16
+    peaks = result["peak_gflops"]
+    assert peaks["bf16_native"] is bf16 and (peaks["fp32"], peaks["bf16"]) == (300.0, 2000.0 if bf16 else 300.0)
+    for phase in ("inference", "train"):
+        for name in ("naive", "fast"):
+            gflops = result[phase][f"{name}_tflops"] * 1e3
+            assert result[phase][f"{name}_frac_bf16_peak"] == pytest.approx(gflops / peaks["bf16"])
+            assert result[phase][f"{name}_frac_fp32_peak"] == pytest.approx(gflops / peaks["fp32"])
