@@ -1,15 +1,18 @@
 """Training with a frozen base stores the frozen linears in the autocast dtype for compute, while
 checkpoints and adapter files keep the exact fp32 tensors that were loaded (lora_utils.cast_frozen_weights
-with keep_exact=True, wired in main_train.build_model)."""
+with keep_exact=True, wired in main_train.build_model); with `--amp auto` that is bf16 only on a CPU
+with bf16 instructions (each CPU kind faked)."""
 import pytest
 import torch
 
 import main_train
+from cpu_kinds import BF16_KINDS, CPU_KINDS, fake_cpu
 from engine import train_one_epoch
 from lora_utils import adapter_state_dict, cast_frozen_weights, export_adapter, unmerged_state_dict
 from official_ckpt import write_official_checkpoint
 from util.checkpoint import FIXED_BUFFERS
 from util.cli import run_cli
+from util.misc import resolve_amp
 
 TINY = ["--model", "mae_vit_tiny_patch7", "--input_size", "56", "--batch_size", "4", "--num_workers", "0",
         "--warmup_epochs", "1", "--print_freq", "1", "--blr", "1e-2"]
@@ -69,6 +72,23 @@ def test_frozen_linears_are_stored_for_compute_and_saved_exactly(official, tmp_p
     export_adapter(model, tmp_path / "adapter.pth")
     written = torch.load(tmp_path / "adapter.pth", weights_only=True)["adapter"]
     assert set(written) == set(adapter) and all(torch.equal(written[k], adapter[k]) for k in adapter)
+
+
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+def test_frozen_linears_are_bf16_only_on_a_cpu_with_bf16(kind, official, monkeypatch):
+    """main_train's `--amp auto` on each CPU kind: bf16 autocast, and with it the frozen linears stored
+    in bf16, where the CPU has bf16 instructions; fp32 weights and no autocast elsewhere (an emulated
+    bf16 matmul is slower than fp32). The checkpoint holds the exact tensors either way."""
+    fake_cpu(monkeypatch, kind)
+    path, state = official
+    amp_dtype = resolve_amp("auto", torch.device("cpu"))
+    assert amp_dtype == (BF16 if kind in BF16_KINDS else None)
+    model = build(path, amp_dtype)
+    stored = BF16 if kind in BF16_KINDS else torch.float32
+    assert model.blocks[0].attn.qkv.weight.dtype == stored and model.decoder_blocks[0].mlp.fc1.weight.dtype == stored
+    assert model.blocks[0].attn.qkv.lora_A.dtype == torch.float32
+    saved = unmerged_state_dict(model)
+    assert all(saved[key].dtype == torch.float32 and torch.equal(saved[key], state[key]) for key in frozen_keys(state))
 
 
 def test_load_state_dict_replaces_the_exact_copies(official):
