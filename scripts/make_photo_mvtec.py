@@ -20,14 +20,16 @@ objects keep their framing but move by up to 2 px and turn by up to 1 degree. Ev
 own gain (about 3%), offset, white balance (colour photos) and sensor noise (read noise plus shot
 noise that grows with brightness).
 
-Defects (one per anomalous image, drawn on a fresh normal image of its own):
+Defects (one per anomalous image, drawn on a fresh normal image of its own, by util/defects.py at
+full strength inside the category's region; sizes given at 224 px):
   scratch   a thin curved line 1-3 px wide, lighter or darker than the surface
   hole      a small dark pit with a raised, lit rim (a poke)
   stain     a soft-edged discolouration: darker, lighter or tinted, some of them faint
   particle  a small opaque bit of another material: a flake or a fibre, with its shadow
   crack     thin dark branching lines that taper
-  missing   objects only: part of the subject erased (a word of the page, a piece of the cup
-            or of the logo, filled in from its surroundings) or printed shifted by a few px
+  missing   objects only: part of the subject erased (a piece of the cup or of the logo, filled in
+            from its surroundings) or printed shifted by a few px; on the page a printed word is
+            gone (this script's `erase_part` for util.defects.missing)
 
 Masks are exact: each anomalous image is rendered twice from the same random state, with and
 without its defect, through the same camera (gain, offset, noise) in floating point; the mask is
@@ -55,12 +57,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
+from util.defects import DEFECT_MAKERS, MAX_TRIES, Region, visible  # noqa: E402
 
 MARKER = ".synthetic_mvtec.json"  # scripts/run_mvtec.py reads {"kind": ...} from it
 MASK_THRESHOLD = 2.0  # grey levels (of 255): a pixel is in the mask when the defect changed it more
@@ -80,7 +83,7 @@ class Photo:
     side: int  # crop side in photo pixels
     centre: Optional[Tuple[float, float]]  # (y, x) of an object's crop; textures: random
     # where defects may sit, as an ellipse in output fractions (cy, cx, ry, rx)
-    region: Tuple[float, float, float, float] = (0.5, 0.5, 0.45, 0.45)
+    region: Region = (0.5, 0.5, 0.45, 0.45)
     about: str = ""
 
 
@@ -264,208 +267,6 @@ def _quantise(v: Array) -> Array:
 
 
 # ------------------------------------------------------------------------------------ the defects
-SS = 4  # supersampling of drawn shapes
-
-
-def _box_down(a: Array, ss: int) -> Array:
-    h, w = a.shape[0] // ss, a.shape[1] // ss
-    return a.reshape(h, ss, w, ss, *a.shape[2:]).mean(axis=(1, 3))
-
-
-def _lines_coverage(size: int, paths: List[Tuple[Array, float]]) -> Array:
-    """Anti-aliased coverage [S, S] of polylines [(points [k, 2] as (y, x), width px)]."""
-    img = Image.new("L", (size * SS, size * SS), 0)
-    draw = ImageDraw.Draw(img)
-    for pts, width in paths:
-        xy = [(float(x) * SS, float(y) * SS) for y, x in pts]
-        draw.line(xy, fill=255, width=max(1, int(round(width * SS))), joint="curve")
-    return _box_down(np.asarray(img, np.float32) / 255.0, SS)
-
-
-def _walk(rng: np.random.Generator, start: Array, angle: float, n: int, step: float,
-          turn: float) -> Array:
-    """A random walk with a slowly turning heading: [n + 1, 2] points (y, x)."""
-    pts = [np.asarray(start, np.float64)]
-    for _ in range(n):
-        angle += rng.normal(0.0, turn)
-        pts.append(pts[-1] + step * np.array([np.sin(angle), np.cos(angle)]))
-    return np.stack(pts)
-
-
-def _place(rng: np.random.Generator, size: int, region: Tuple[float, float, float, float],
-           weight: Optional[Array] = None) -> Array:
-    """A point (y, x) inside the category's defect region, optionally weighted by `weight`."""
-    cy, cx, ry, rx = region
-    g = (np.arange(size) + 0.5) / size
-    inside = ((g[:, None] - cy) / ry) ** 2 + ((g[None, :] - cx) / rx) ** 2 <= 1.0
-    p = inside.astype(np.float64)
-    if weight is not None:
-        p = p * weight
-    if p.sum() <= 0:
-        p = inside.astype(np.float64)
-    flat = p.ravel() / p.sum()
-    k = int(rng.choice(flat.size, p=flat))
-    return np.array([k // size + rng.uniform(), k % size + rng.uniform()])
-
-
-def _blob(size: int, centre: Array, radius: float, rng: np.random.Generator, rough: float,
-          aspect: float = 1.0) -> Tuple[Tuple[int, int, int, int], Array, Array]:
-    """An irregular round shape around `centre`: its window (y0, y1, x0, x1) in the image and,
-    at SS resolution over that window, the normalised radius rho (1 on the outline) and the
-    direction (unit vectors stacked [2, h, w]) from the centre."""
-    reach = radius * 4.5 + 3  # the outline reaches 1.6 radius, a soft edge fades out by 2.8
-    y0, x0 = (max(0, int(np.floor(c - reach))) for c in centre)
-    y1, x1 = (min(size, int(np.ceil(c + reach))) for c in centre)
-    ys = y0 + (np.arange((y1 - y0) * SS) + 0.5) / SS - centre[0]
-    xs = x0 + (np.arange((x1 - x0) * SS) + 0.5) / SS - centre[1]
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    rot = rng.uniform(0, np.pi)
-    u = np.cos(rot) * xx + np.sin(rot) * yy
-    v = (-np.sin(rot) * xx + np.cos(rot) * yy) / aspect
-    ang = np.arctan2(v, u)
-    harm = np.ones_like(ang)
-    for k in (2, 3, 5):  # a few harmonics make the outline irregular
-        harm += rough * rng.normal(0, 1.0 / k) * np.cos(k * ang + rng.uniform(0, 2 * np.pi))
-    dist = np.sqrt(u * u + v * v)
-    rho = dist / (radius * np.clip(harm, 0.5, 1.6))
-    d = np.maximum(np.sqrt(xx * xx + yy * yy), 1e-6)
-    return (y0, y1, x0, x1), rho.astype(np.float32), np.stack([yy / d, xx / d]).astype(np.float32)
-
-
-def _paste(scene: Array, box: Tuple[int, int, int, int], new_ss: Array, alpha_ss: Array) -> Array:
-    """Blend a supersampled [h*SS, w*SS, C] layer with coverage alpha into the window `box`."""
-    y0, y1, x0, x1 = box
-    a = _box_down(alpha_ss, SS)[..., None]
-    prem = _box_down(new_ss * alpha_ss[..., None], SS)
-    out = scene.copy()
-    win = out[y0:y1, x0:x1]
-    out[y0:y1, x0:x1] = win * (1 - a) + prem
-    return out
-
-
-def _up(a: Array) -> Array:
-    """[h, w, C] -> [h*SS, w*SS, C] by repetition (values under a supersampled shape)."""
-    return np.repeat(np.repeat(a, SS, axis=0), SS, axis=1)
-
-
-def _scratch(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
-    s = scene.shape[0]
-    centre = _place(rng, s, region)
-    length = rng.uniform(0.10, 0.32) * s
-    ang = rng.uniform(0, np.pi)
-    d = np.array([np.sin(ang), np.cos(ang)])
-    nrm = np.array([-d[1], d[0]])
-    t = np.linspace(-0.5, 0.5, 24)[:, None]
-    bend = rng.normal(0, 0.12) * length
-    pts = centre + t * length * d + (1 - 4 * t ** 2) * bend * nrm
-    width = rng.uniform(1.0, 3.0) * f
-    cov = _lines_coverage(s, [(pts, width)])
-    # a scratch fades out towards its ends
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-    t_along = ((yy - centre[0]) * d[0] + (xx - centre[1]) * d[1]) / length
-    fade = np.clip((0.5 - np.abs(t_along)) / rng.uniform(0.1, 0.3), 0, 1)
-    strength = rng.uniform(0.5, 0.9) * fade
-    if rng.random() < 0.5:  # abraded: lighter
-        target = scene + (1.0 - scene) * rng.uniform(0.35, 0.8)
-    else:  # a groove: darker
-        target = scene * rng.uniform(0.25, 0.6)
-    a = (cov * strength)[..., None]
-    return scene * (1 - a) + target * a
-
-
-def _hole(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
-    s = scene.shape[0]
-    centre = _place(rng, s, region)
-    radius = rng.uniform(2.2, 5.5) * f
-    box, rho, (dy, dx) = _blob(s, centre, radius, rng, 0.25, rng.uniform(0.7, 1.0))
-    y0, y1, x0, x1 = box
-    base = _up(scene[y0:y1, x0:x1])
-    light = np.float32(rng.uniform(0, 2 * np.pi))
-    facing = np.cos(light) * dx + np.sin(light) * dy  # -1..1: rim side facing the light
-    inside = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)  # anti-aliased disc
-    depth = rng.uniform(0.08, 0.25)
-    # the pit: dark, its far wall lit a little
-    pit = base * depth + 0.06 * np.clip(-facing, 0, 1)[..., None] * inside[..., None]
-    rim = np.exp(-((rho - 1.25) / 0.22) ** 2) * (1 - inside)  # the pushed-up lip
-    lip = base * (1.0 + 0.45 * rim[..., None] * facing[..., None])
-    new = pit * inside[..., None] + lip * (1 - inside[..., None])
-    alpha = np.clip(inside + rim * 1.0, 0, 1)
-    return _paste(scene, box, new, alpha)
-
-
-def _stain(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
-    s, c = scene.shape[0], scene.shape[2]
-    centre = _place(rng, s, region)
-    radius = rng.uniform(4.0, 12.0) * f
-    box, rho, _ = _blob(s, centre, radius, rng, 0.35, rng.uniform(0.6, 1.0))
-    y0, y1, x0, x1 = box
-    base = _up(scene[y0:y1, x0:x1])
-    edge = rng.uniform(0.08, 0.3)
-    g = 1.0 / (1.0 + np.exp(np.minimum((rho - 1.0) / edge, 50.0)))  # soft edge
-    if rng.random() < 0.5:  # a dried drop: darker at its rim ("coffee ring")
-        g = g * (0.6 + 0.5 * np.exp(-((rho - 0.9) / 0.15) ** 2))
-    k = rng.uniform(0.10, 0.45)
-    if c == 3:
-        tint = np.array([[0.62, 0.45, 0.28], [0.35, 0.42, 0.70], [0.55, 0.60, 0.40],
-                         [0.70, 0.70, 0.70]], np.float32)[rng.integers(4)]
-        new = base * (1 - k * (1 - tint))
-    elif rng.random() < 0.7:  # darker
-        new = base * (1 - k)
-    else:  # bleached
-        new = base + (1 - base) * k
-    return _paste(scene, box, new, g.astype(np.float32))
-
-
-def _particle(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
-    s, c = scene.shape[0], scene.shape[2]
-    if c == 3:
-        colour = np.array([[0.95, 0.94, 0.90], [0.08, 0.08, 0.09], [0.15, 0.30, 0.75],
-                           [0.20, 0.55, 0.25], [0.75, 0.72, 0.65]], np.float32)[rng.integers(5)]
-    else:
-        colour = np.array([rng.choice([rng.uniform(0.02, 0.18), rng.uniform(0.85, 1.0)])], np.float32)
-    centre = _place(rng, s, region)
-    if rng.random() < 0.35:  # a fibre: thin, curved
-        pts = _walk(rng, centre, rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)), 2.2 * f, 0.5)
-        width = rng.uniform(1.0, 1.8) * f
-        shadow = _lines_coverage(s, [(pts + 0.8 * f, width * 1.3)])
-        cov = _lines_coverage(s, [(pts, width)])
-        out = scene * (1 - 0.35 * shadow[..., None])
-        return out * (1 - cov[..., None]) + colour * cov[..., None]
-    radius = rng.uniform(2.5, 5.5) * f
-    box, rho, (dy, dx) = _blob(s, centre, radius, rng, 0.6, rng.uniform(0.5, 1.0))
-    y0, y1, x0, x1 = box
-    base = _up(scene[y0:y1, x0:x1])
-    inside = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)
-    # the shadow it casts: the same shape moved down-right, soft
-    sh_rho = np.roll(rho, (int(round(0.9 * f * SS)), int(round(0.9 * f * SS))), axis=(0, 1))
-    shadow = np.clip((1.3 - sh_rho) * 2.0, 0, 1) * 0.45
-    shade = 1.0 + 0.25 * (-(dy + dx) * 0.7) * np.clip(rho, 0, 1)  # lit from the top left
-    body = np.clip(colour * shade[..., None], 0, 1)
-    under = base * (1 - shadow[..., None])
-    new = body * inside[..., None] + under * (1 - inside[..., None])
-    alpha = np.clip(np.maximum(inside, shadow > 0.01), 0, 1).astype(np.float32)
-    return _paste(scene, box, new, alpha)
-
-
-def _crack(scene: Array, rng: np.random.Generator, region, f: float) -> Array:
-    s = scene.shape[0]
-    centre = _place(rng, s, region)
-    n = int(rng.integers(10, 18))
-    main = _walk(rng, centre, rng.uniform(0, 2 * np.pi), n, 2.6 * f, 0.45)
-    width = rng.uniform(1.0, 2.0) * f
-    paths = []
-    for i in range(n):  # tapering towards the tip
-        paths.append((main[i:i + 2], max(0.6 * f, width * (1 - 0.6 * i / n))))
-    for _ in range(int(rng.integers(1, 3))):  # branches
-        k = int(rng.integers(1, n))
-        br = _walk(rng, main[k], rng.uniform(0, 2 * np.pi), int(rng.integers(3, 7)), 2.4 * f, 0.5)
-        for i in range(len(br) - 1):
-            paths.append((br[i:i + 2], max(0.5 * f, width * 0.7 * (1 - 0.5 * i / len(br)))))
-    cov = _lines_coverage(s, paths)
-    a = (cov * rng.uniform(0.6, 0.9))[..., None]
-    return scene * (1 - a) + scene * 0.15 * a
-
-
 def _words(scene: Array, f: float) -> Tuple[Array, int]:
     """Printed words of a page: (labels [S, S], count); ink is darker than the local paper."""
     lum = scene.mean(axis=2)
@@ -477,74 +278,42 @@ def _words(scene: Array, f: float) -> Tuple[Array, int]:
     return ndimage.label(joined)
 
 
-def _missing(scene: Array, rng: np.random.Generator, region, f: float, name: str) -> Array:
+def _missing_word(scene: Array, rng: np.random.Generator, region: Region, f: float) -> Optional[Array]:
+    """The page's `missing`: a word that was not printed, the page shows plain paper there; None
+    when no word of a word's size lies in the region (util.defects.missing then erases a part)."""
     s = scene.shape[0]
-    lum = scene.mean(axis=2)
-    if name == "page":  # a word that was not printed: the page shows plain paper there
-        labels, n = _words(scene, f)
-        if n:
-            objs = ndimage.find_objects(labels)
-            cy, cx, ry, rx = region
-            ok = []
-            for i, sl in enumerate(objs):
-                h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-                my, mx = (sl[0].start + h / 2) / s, (sl[1].start + w / 2) / s
-                if 3 * f <= h <= 16 * f and 6 * f <= w <= 60 * f and \
-                        ((my - cy) / ry) ** 2 + ((mx - cx) / rx) ** 2 <= 1:
-                    ok.append(i)
-            if ok:
-                sl = objs[ok[int(rng.integers(len(ok)))]]
-                pad = max(1, int(round(f)))
-                y0, y1 = max(0, sl[0].start - pad), min(s, sl[0].stop + pad)
-                x0, x1 = max(0, sl[1].start - pad), min(s, sl[1].stop + pad)
-                k = max(3, int(round(7 * f)) | 1)
-                paper = np.stack([ndimage.gaussian_filter(
-                    ndimage.grey_closing(scene[..., ch], size=(k, k)), 1.0)
-                    for ch in range(scene.shape[2])], axis=2)
-                # the ink goes: pixels darker than the paper around them are lifted to it
-                out = scene.copy()
-                out[y0:y1, x0:x1] = np.maximum(scene[y0:y1, x0:x1], paper[y0:y1, x0:x1] - 0.03)
-                return out
-    # a part of the subject gone (filled in from around it) or printed shifted
-    grad = ndimage.gaussian_gradient_magnitude(lum, 1.0)
-    centre = _place(rng, s, region, weight=grad ** 2)
-    radius = rng.uniform(5.0, 10.0) * f
-    box, rho, _ = _blob(s, centre, radius, rng, 0.3, rng.uniform(0.6, 1.0))
-    y0, y1, x0, x1 = box
-    alpha = np.clip((1.0 - rho) * radius * SS * 0.5 + 0.5, 0, 1)
-    if rng.random() < 0.6:
-        # inpainted: each pixel of the gap takes the nearest colour around it, softened, so
-        # the surrounding areas close over the gap and its detail is gone
-        gap = np.zeros((s, s), bool)
-        gap[y0:y1, x0:x1] = _box_down(alpha, SS) > 0.01
-        gap = ndimage.binary_dilation(gap)
-        _, (iy, ix) = ndimage.distance_transform_edt(gap, return_indices=True)
-        near = scene[iy, ix]
-        sigma = max(1.0, radius * 0.2)
-        fill = ndimage.gaussian_filter(near, (sigma, sigma, 0))
-    else:
-        ang = rng.uniform(0, 2 * np.pi)
-        shift = rng.uniform(2.5, 5.0) * f * np.array([np.sin(ang), np.cos(ang)])
-        fill = ndimage.shift(scene, (shift[0], shift[1], 0), order=1, mode="nearest")
-    return _paste(scene, box, _up(fill[y0:y1, x0:x1]), alpha)
+    labels, n = _words(scene, f)
+    if not n:
+        return None
+    objs = ndimage.find_objects(labels)
+    cy, cx, ry, rx = region
+    ok = []
+    for i, sl in enumerate(objs):
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        my, mx = (sl[0].start + h / 2) / s, (sl[1].start + w / 2) / s
+        if 3 * f <= h <= 16 * f and 6 * f <= w <= 60 * f and \
+                ((my - cy) / ry) ** 2 + ((mx - cx) / rx) ** 2 <= 1:
+            ok.append(i)
+    if not ok:
+        return None
+    sl = objs[ok[int(rng.integers(len(ok)))]]
+    pad = max(1, int(round(f)))
+    y0, y1 = max(0, sl[0].start - pad), min(s, sl[0].stop + pad)
+    x0, x1 = max(0, sl[1].start - pad), min(s, sl[1].stop + pad)
+    k = max(3, int(round(7 * f)) | 1)
+    paper = np.stack([ndimage.gaussian_filter(
+        ndimage.grey_closing(scene[..., ch], size=(k, k)), 1.0)
+        for ch in range(scene.shape[2])], axis=2)
+    # the ink goes: pixels darker than the paper around them are lifted to it
+    out = scene.copy()
+    out[y0:y1, x0:x1] = np.maximum(scene[y0:y1, x0:x1], paper[y0:y1, x0:x1] - 0.03)
+    return out
 
 
 def _apply(defect: str, name: str, scene: Array, rng: np.random.Generator) -> Array:
-    region = PHOTOS[name].region
-    f = scene.shape[0] / 224.0  # defect sizes are given for 224 px images
-    if defect == "scratch":
-        return _scratch(scene, rng, region, f)
-    if defect == "hole":
-        return _hole(scene, rng, region, f)
-    if defect == "stain":
-        return _stain(scene, rng, region, f)
-    if defect == "particle":
-        return _particle(scene, rng, region, f)
-    if defect == "crack":
-        return _crack(scene, rng, region, f)
-    if defect == "missing":
-        return _missing(scene, rng, region, f, name)
-    raise ValueError(f"unknown defect {defect}")
+    """The scene [S, S, C] with one defect drawn in its region, at full strength (util.defects)."""
+    extra = {"erase_part": _missing_word} if (defect, name) == ("missing", "page") else {}
+    return DEFECT_MAKERS[defect](scene, rng, PHOTOS[name].region, **extra)
 
 
 # ------------------------------------------------------------------------------------- rendering
@@ -558,11 +327,10 @@ def render_from(name: str, size: int, rng: np.random.Generator, defect: Optional
     clean = _camera(scene, cam)
     if defect is None:
         return _squeeze(_quantise(clean)), None
-    min_px = max(4, int(0.0006 * size * size))
-    for _ in range(20):  # a defect that barely shows (flat spot, tiny size) is drawn again
+    for _ in range(MAX_TRIES):  # a defect that barely shows (flat spot, tiny size) is drawn again
         bad = _camera(_apply(defect, name, scene, rng), cam)
         mask = np.abs(bad - clean).max(axis=2) > MASK_THRESHOLD
-        if min_px <= mask.sum() <= 0.06 * mask.size:
+        if visible(mask):
             out = np.where(mask[..., None], bad, clean)  # unchanged outside the mask, to the bit
             return _squeeze(_quantise(out)), mask
     raise RuntimeError(f"could not draw a visible {defect} on {name} at size {size}")

@@ -19,6 +19,10 @@ rendered twice from the same random state, with and without its defect; its mask
 pixels the defect changed (more than 6/255 in some channel), so the ground truth is exact and lies
 on the object. Each image has its own random stream derived from (seed, split, defect, index): the
 output is fully determined by the seed, and changing one count does not change other images.
+
+The defects do not come from util/defects.py (whose makers draw on finished images): they are part
+of each renderer's scene, placed on the object's own geometry and drawn before lighting and noise
+(a scratch through a trace, a bridge between two IC pins, a missing part left out of the board).
 """
 import argparse
 import json
