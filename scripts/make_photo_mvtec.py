@@ -14,6 +14,15 @@ Categories (see docs/PHOTO_DATA.md for pictures of what to expect):
   coffee  object   an espresso cup on its saucer seen from above (coffee.png, colour); the same
                    376 px square in every image.
   logo    object   the scikit-image logo (logo.png, colour), printed on white.
+  grass_disjoint, gravel_disjoint
+          texture  the same photographs in 160 px crops from disjoint parts: train/good from the
+                   left half, test/ (good and defective) from the bottom-right quadrant, and a
+                   separate category root <name>_holdout/train/good (--n_holdout crops) from the
+                   top-right quadrant, for main_train.py --holdout_root. The test is a new stretch
+                   of the same surface: held-out crops taken from train/good overlap the training
+                   crops and score lower than any new image, so a threshold learnt on them flags
+                   new normal images. Not in --categories all (their surfaces are grass's and
+                   gravel's again: a mean over all would count them twice).
 
 Normal variation: textures get a new crop position and one of the 8 turns/mirrors per image;
 objects keep their framing but move by up to 2 px and turn by up to 1 degree. Every image gets its
@@ -63,12 +72,18 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
+from util.datasets import MIN_HOLDOUT  # noqa: E402
 from util.defects import DEFECT_MAKERS, MAX_TRIES, Region, visible  # noqa: E402
 
 MARKER = ".synthetic_mvtec.json"  # scripts/run_mvtec.py reads {"kind": ...} from it
 MASK_THRESHOLD = 2.0  # grey levels (of 255): a pixel is in the mask when the defect changed it more
 SHIFT = 2.0  # an object moves by up to this many px (at 224 px; in proportion at other sizes)
 MAX_ENLARGE = 1.5  # --size may enlarge a category's crop by at most this factor
+TRAIN, TEST, HOLDOUT = 0, 1, 2  # split codes (in each image's random stream)
+# where a disjoint texture's crops of each split come from: (y0, x0, y1, x1) in fractions of the photo
+DISJOINT_PARTS = {TRAIN: (0.0, 0.0, 1.0, 0.5), TEST: (0.5, 0.5, 1.0, 1.0), HOLDOUT: (0.0, 0.5, 0.5, 1.0)}
+CROP_MARGIN = 2.0  # photo pixels between a texture crop and the edge of its photo or part
+HOLDOUT_SUFFIX = "_holdout"  # a disjoint category's held-out normal crops: DST/<name>_holdout/train/good
 TEXTURE_DEFECTS = ("scratch", "hole", "stain", "particle", "crack")
 OBJECT_DEFECTS = TEXTURE_DEFECTS + ("missing",)
 KEPT_ASIDE = ("brick", "coins")
@@ -85,6 +100,7 @@ class Photo:
     # where defects may sit, as an ellipse in output fractions (cy, cx, ry, rx)
     region: Region = (0.5, 0.5, 0.45, 0.45)
     about: str = ""
+    disjoint: bool = False  # a texture whose splits are cropped from DISJOINT_PARTS
 
 
 PHOTOS: Dict[str, Photo] = {
@@ -98,7 +114,13 @@ PHOTOS: Dict[str, Photo] = {
                     "an espresso cup on its saucer seen from above"),
     "logo": Photo("logo.png", "object", 470, (250.0, 250.0), (0.5, 0.5, 0.42, 0.42),
                   "the scikit-image logo printed on white"),
+    "grass_disjoint": Photo("grass.png", "texture", 160, None, (0.5, 0.5, 0.44, 0.44),
+                            "grass in 160 px crops: train from the left half of the photo, test from "
+                            "the bottom-right quadrant, <name>_holdout from the top-right", disjoint=True),
+    "gravel_disjoint": Photo("gravel.png", "texture", 160, None, (0.5, 0.5, 0.44, 0.44),
+                             "gravel, cropped as grass_disjoint", disjoint=True),
 }
+ALL_CATEGORIES = tuple(n for n, p in PHOTOS.items() if not p.disjoint)  # --categories all
 
 
 def defects_of(name: str) -> Tuple[str, ...]:
@@ -138,7 +160,7 @@ def check_categories(text: str) -> List[str]:
         raise UserError("--categories is empty; pass all or a comma-separated list of "
                         + ", ".join(PHOTOS))
     if names == ["all"]:
-        return list(PHOTOS)
+        return list(ALL_CATEGORIES)
     out: List[str] = []
     for n in names:
         if n in KEPT_ASIDE:
@@ -163,8 +185,8 @@ def check_size(name: str, size: int, shape: Optional[Tuple[int, int]] = None) ->
                         f"choose a smaller --size or leave {name} out of --categories")
     if shape is not None:
         h, w = shape
-        if ph.centre is None:  # textures: room for crops at different places
-            fits = min(h, w) >= 1.5 * ph.side
+        if ph.centre is None:  # textures: room for crops at different places (in each part)
+            fits = min(h, w) * (0.5 if ph.disjoint else 1.0) >= 1.5 * ph.side
         else:
             cy, cx = ph.centre
             m = _margin(ph.side)
@@ -223,16 +245,25 @@ def _rng(seed: int, name: str, split: int, defect: int, index: int) -> np.random
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(code, split, defect, index)))
 
 
-def _normal_scene(name: str, size: int, rng: np.random.Generator) -> Tuple[Array, dict]:
+def _texture_centre(ph: Photo, shape: Tuple[int, int], split: int, rng: np.random.Generator
+                    ) -> Tuple[float, float]:
+    """(y, x) in photo pixels of a texture crop's centre: anywhere in the photo, or in the split's
+    part for a disjoint texture, CROP_MARGIN inside it."""
+    h, w = shape
+    y0, x0, y1, x1 = DISJOINT_PARTS[split] if ph.disjoint else (0.0, 0.0, 1.0, 1.0)
+    half = ph.side / 2 + CROP_MARGIN
+    cy = float(rng.uniform(y0 * h + half, y1 * h - half))
+    cx = float(rng.uniform(x0 * w + half, x1 * w - half))
+    return cy, cx
+
+
+def _normal_scene(name: str, size: int, split: int, rng: np.random.Generator) -> Tuple[Array, dict]:
     """A defect-free scene [S, S, C] in [0, 1] and the camera's parameters (drawn first)."""
     ph = PHOTOS[name]
     src = _source(name, size)
     scale = ph.side / size
-    h, w = src.shape[:2]
     if ph.centre is None:  # texture: a new piece of the photo, turned/mirrored
-        half = ph.side / 2 + 2.0
-        cy = float(rng.uniform(half, h - half))
-        cx = float(rng.uniform(half, w - half))
+        cy, cx = _texture_centre(ph, src.shape[:2], split, rng)
         scene = _warp(src, size, scale, cy, cx, 0.0)
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         scene = np.rot90(scene, k, axes=(0, 1))
@@ -317,13 +348,14 @@ def _apply(defect: str, name: str, scene: Array, rng: np.random.Generator) -> Ar
 
 
 # ------------------------------------------------------------------------------------- rendering
-def render_from(name: str, size: int, rng: np.random.Generator, defect: Optional[str]
+def render_from(name: str, size: int, split: int, rng: np.random.Generator, defect: Optional[str]
                 ) -> Tuple[Array, Optional[Array]]:
-    """One image from a random stream: (uint8 [S, S] grey or [S, S, 3], bool mask [S, S] or None).
+    """One image of a split from a random stream: (uint8 [S, S] grey or [S, S, 3], bool mask [S, S]
+    or None).
 
     The normal image's randomness is drawn before the defect's, so the same stream with
     defect=None gives the defect-free image the defect was drawn on."""
-    scene, cam = _normal_scene(name, size, rng)
+    scene, cam = _normal_scene(name, size, split, rng)
     clean = _camera(scene, cam)
     if defect is None:
         return _squeeze(_quantise(clean)), None
@@ -340,11 +372,26 @@ def _squeeze(a: Array) -> Array:
     return a[..., 0] if a.shape[2] == 1 else a
 
 
+def _image_rng(name: str, seed: int, split: int, defect: Optional[str], index: int) -> np.random.Generator:
+    code = 0 if defect is None else 1 + defects_of(name).index(defect)
+    return _rng(seed, name, split, code, index)
+
+
 def render_image(name: str, size: int, seed: int, split: int, defect: Optional[str], index: int
                  ) -> Tuple[Array, Optional[Array]]:
-    """Image `index` of a split (0 train, 1 test) and defect (None: good) for a seed."""
-    code = 0 if defect is None else 1 + defects_of(name).index(defect)
-    return render_from(name, size, _rng(seed, name, split, code, index), defect)
+    """Image `index` of a split (TRAIN, TEST, HOLDOUT) and defect (None: good) for a seed."""
+    return render_from(name, size, split, _image_rng(name, seed, split, defect, index), defect)
+
+
+def crop_box(name: str, size: int, seed: int, split: int, defect: Optional[str], index: int
+             ) -> Tuple[float, float, float, float]:
+    """The square (y0, x0, y1, x1) of the photograph, in its pixels, that a texture image shows."""
+    ph = PHOTOS[name]
+    if ph.centre is not None:
+        raise ValueError(f"{name} is an object: every image shows the same square")
+    cy, cx = _texture_centre(ph, _source(name, size).shape[:2], split,
+                             _image_rng(name, seed, split, defect, index))
+    return cy - ph.side / 2, cx - ph.side / 2, cy + ph.side / 2, cx + ph.side / 2
 
 
 def _save_png(arr: Array, path: Path) -> None:
@@ -356,6 +403,12 @@ def check_counts(n_train: int, n_test_good: int, n_per_defect: int) -> None:
                         ("--n_per_defect", n_per_defect)):
         if count < 1:
             raise UserError(f"{flag} {count}: image counts must be 1 or more")
+
+
+def check_holdout_count(n_holdout: int) -> None:
+    if n_holdout < MIN_HOLDOUT:
+        raise UserError(f"--n_holdout {n_holdout}: main_train.py --holdout_root needs at least "
+                        f"{MIN_HOLDOUT} held-out images")
 
 
 def check_destination(dst: Path, overwrite: bool) -> None:
@@ -385,10 +438,10 @@ def make_category(dst: Path, name: str, seed: int = 0, size: int = 224, n_train:
         (dst / MARKER).unlink()
     defects = defects_of(name)
     jobs: List[Tuple[str, int, Optional[str], int]] = []  # (folder, split, defect, index)
-    jobs += [("train/good", 0, None, i) for i in range(n_train)]
-    jobs += [("test/good", 1, None, i) for i in range(n_test_good)]
+    jobs += [("train/good", TRAIN, None, i) for i in range(n_train)]
+    jobs += [("test/good", TEST, None, i) for i in range(n_test_good)]
     for defect in defects:
-        jobs += [(f"test/{defect}", 1, defect, i) for i in range(n_per_defect)]
+        jobs += [(f"test/{defect}", TEST, defect, i) for i in range(n_per_defect)]
     counts: Dict[str, int] = {"train/good": n_train, "test/good": n_test_good}
     for defect in defects:
         counts[f"test/{defect}"] = n_per_defect
@@ -405,12 +458,50 @@ def make_category(dst: Path, name: str, seed: int = 0, size: int = 224, n_train:
         if mask is not None:
             _save_png(mask.astype(np.uint8) * 255, dst / "ground_truth" / defect / f"{i:03d}_mask.png")
     ph = PHOTOS[name]
-    (dst / MARKER).write_text(json.dumps({
-        "kind": ph.kind, "source": ph.file, "package": f"scikit-image {skimage_version()}",
-        "generator": "scripts/make_photo_mvtec.py", "seed": seed, "size": size,
-        "crop": ph.side, "n_train": n_train, "n_test_good": n_test_good,
-        "n_per_defect": n_per_defect, "defects": list(defects)}, indent=1) + "\n")
+    meta = {"kind": ph.kind, "source": ph.file, "package": f"scikit-image {skimage_version()}",
+            "generator": "scripts/make_photo_mvtec.py", "seed": seed, "size": size,
+            "crop": ph.side, "n_train": n_train, "n_test_good": n_test_good,
+            "n_per_defect": n_per_defect, "defects": list(defects)}
+    if ph.disjoint:
+        meta.update(parts={"train": DISJOINT_PARTS[TRAIN], "test": DISJOINT_PARTS[TEST],
+                           "holdout": DISJOINT_PARTS[HOLDOUT]}, holdout_root=name + HOLDOUT_SUFFIX)
+    (dst / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
     return counts
+
+
+def make_holdout(dst: Path, name: str, seed: int = 0, size: int = 224, n_holdout: int = 16,
+                 overwrite: bool = False, progress: bool = False) -> int:
+    """Write a disjoint texture's held-out normal crops (its HOLDOUT part) to `dst`/train/good, a
+    category root for main_train.py --holdout_root; returns the count. A non-empty `dst` is
+    refused unless `overwrite`."""
+    if name not in PHOTOS:
+        check_categories(name)
+    ph = PHOTOS[name]
+    if not ph.disjoint:
+        raise UserError(f"{name} has no held-out part; only " + ", ".join(
+            n for n, p in PHOTOS.items() if p.disjoint) + " have one")
+    check_holdout_count(n_holdout)
+    check_size(name, size)
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    _source(name, size)
+    if (dst / "train").is_dir():
+        shutil.rmtree(dst / "train")
+    if (dst / MARKER).is_file():
+        (dst / MARKER).unlink()
+    (dst / "train/good").mkdir(parents=True)
+    it = range(n_holdout)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=name + HOLDOUT_SUFFIX, leave=False)
+    for i in it:
+        _save_png(render_image(name, size, seed, HOLDOUT, None, i)[0], dst / "train/good" / f"{i:03d}.png")
+    (dst / MARKER).write_text(json.dumps({
+        "kind": ph.kind, "holdout": True, "holdout_for": name, "source": ph.file,
+        "package": f"scikit-image {skimage_version()}", "generator": "scripts/make_photo_mvtec.py",
+        "seed": seed, "size": size, "crop": ph.side, "part": DISJOINT_PARTS[HOLDOUT],
+        "n_holdout": n_holdout}, indent=1) + "\n")
+    return n_holdout
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -425,7 +516,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     f"...}}, read by scripts/run_mvtec.py). Categories: {cats}. Normal variation: "
                     "textures are random crops turned/mirrored, objects move by up to 2 px and "
                     "turn by up to 1 degree; every image has its own gain, offset and sensor "
-                    "noise. Defects: " + ", ".join(TEXTURE_DEFECTS) + " (all categories) and "
+                    "noise. The disjoint textures crop train/good, test/ and the held-out root "
+                    f"DST/<category>{HOLDOUT_SUFFIX}/train/good (for main_train.py --holdout_root) "
+                    "from disjoint parts of their photograph. Defects (util/defects.py): "
+                    + ", ".join(TEXTURE_DEFECTS) + " (all categories) and "
                     "missing (objects: an erased or shifted part). brick and coins are kept "
                     "aside for independent checks and refused. Same --seed, same bytes. About 5 s "
                     "of CPU per category at the defaults (50 s for all five on 2 busy cores).",
@@ -436,8 +530,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="output root, like the MVTec AD root: each category is written to "
                         "DST/<category> (pass that folder as --data_path)")
     p.add_argument("--categories", default="all",
-                   help="comma-separated categories, or all: " + ", ".join(PHOTOS)
-                        + " (default: %(default)s)")
+                   help="comma-separated categories: " + ", ".join(PHOTOS) + "; all = "
+                        + ", ".join(ALL_CATEGORIES) + " (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; same seed, same files (default: %(default)s)")
     p.add_argument("--size", type=int, default=224,
@@ -449,6 +543,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="normal test images per category (default: %(default)s)")
     p.add_argument("--n_per_defect", type=int, default=10,
                    help="anomalous test images per defect type (default: %(default)s)")
+    p.add_argument("--n_holdout", type=int, default=16,
+                   help="held-out normal crops of each disjoint category, written to "
+                        f"DST/<category>{HOLDOUT_SUFFIX}/train/good (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the train/, test/ and ground_truth/ of a non-empty "
                         "DST/<category> (refused otherwise)")
@@ -459,11 +556,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     names = check_categories(args.categories)
     check_counts(args.n_train, args.n_test_good, args.n_per_defect)
+    disjoint = [n for n in names if PHOTOS[n].disjoint]
+    if disjoint:
+        check_holdout_count(args.n_holdout)
     if args.dst.exists() and not args.dst.is_dir():
         raise UserError(f"--dst {args.dst} exists and is not a folder; choose another --dst")
     for name in names:  # every refusal before the first file is written
         check_size(name, args.size)
         check_destination(args.dst / name, args.overwrite)
+        if name in disjoint:
+            check_destination(args.dst / (name + HOLDOUT_SUFFIX), args.overwrite)
         _source(name, args.size)
     t_all = time.time()
     for name in names:
@@ -477,6 +579,12 @@ def main(args: argparse.Namespace) -> None:
         print(f"{name:7s} {PHOTOS[name].kind:7s} {images} images ({args.n_train} train, "
               f"{args.n_test_good} good, {args.n_per_defect} each of {defects}) in "
               f"{time.time() - t0:.1f} s -> {args.dst / name}", flush=True)
+        if name in disjoint:
+            root = args.dst / (name + HOLDOUT_SUFFIX)
+            n = make_holdout(root, name, seed=args.seed, size=args.size, n_holdout=args.n_holdout,
+                             overwrite=args.overwrite, progress=True)
+            print(f"{name + HOLDOUT_SUFFIX} {n} held-out normal images -> {root} "
+                  f"(main_train.py --holdout_root {root})", flush=True)
     print(f"wrote {len(names)} categories ({args.size}px, seed {args.seed}) in "
           f"{time.time() - t_all:.1f} s")
 

@@ -1,4 +1,4 @@
-"""scripts/make_photo_mvtec.py: determinism, layout, exact masks, alignment, refusals."""
+"""scripts/make_photo_mvtec.py: determinism, layout, exact masks, alignment, disjoint crops, refusals."""
 import json
 import subprocess
 import sys
@@ -10,9 +10,11 @@ from PIL import Image
 
 pytest.importorskip("skimage", reason="scikit-image ships the photographs")
 
-from scripts.make_photo_mvtec import (MARKER, PHOTOS, _rng, data_dir, defects_of,  # noqa: E402
-                                      get_args_parser, main, make_category, render_from,
-                                      render_image)
+from scripts.make_photo_mvtec import (ALL_CATEGORIES, DISJOINT_PARTS, HOLDOUT,  # noqa: E402
+                                      HOLDOUT_SUFFIX, MARKER, PHOTOS, TEST, TRAIN, _rng, _source,
+                                      check_categories, crop_box, data_dir, defects_of,
+                                      get_args_parser, main, make_category, make_holdout,
+                                      render_from, render_image)
 from util.cli import UserError, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_masks_are_exactly_where_the_defect_changed_the_image(name):
             # realistic sizes: small, never empty
             assert 0.0005 < mask.mean() < 0.06, (name, defect, mask.mean())
             # the same random stream without the defect: the normal image it was drawn on
-            clean, none = render_from(name, size, _rng(0, name, 1, code, i), None)
+            clean, none = render_from(name, size, TEST, _rng(0, name, 1, code, i), None)
             assert none is None and clean.shape == img.shape
             diff = np.abs(img.astype(int) - clean.astype(int))
             if diff.ndim == 3:
@@ -132,6 +134,71 @@ def test_objects_are_aligned_and_textures_vary(name):
         assert min(im.std() for im in imgs) > 10  # a texture, not a flat area
 
 
+DISJOINT = sorted(n for n, p in PHOTOS.items() if p.disjoint)
+
+
+def _boxes(name, split, defect, n):
+    return np.array([crop_box(name, 64, 0, split, defect, i) for i in range(n)])  # [n, 4] y0 x0 y1 x1
+
+
+@pytest.mark.parametrize("name", DISJOINT)
+def test_disjoint_parts_crops_do_not_overlap(name):
+    h, w = _source(name, 64).shape[:2]
+    parts = {TRAIN: [_boxes(name, TRAIN, None, 60)], HOLDOUT: [_boxes(name, HOLDOUT, None, 30)],
+             TEST: [_boxes(name, TEST, None, 30)] + [_boxes(name, TEST, d, 10) for d in defects_of(name)]}
+    boxes = {split: np.concatenate(b) for split, b in parts.items()}
+    for split, b in boxes.items():
+        y0, x0, y1, x1 = DISJOINT_PARTS[split]
+        assert (b[:, 0] >= y0 * h).all() and (b[:, 1] >= x0 * w).all(), split
+        assert (b[:, 2] <= y1 * h).all() and (b[:, 3] <= x1 * w).all(), split
+        assert np.allclose(b[:, 2] - b[:, 0], PHOTOS[name].side) and np.allclose(b[:, 3] - b[:, 1], PHOTOS[name].side)
+        assert b[:, 0].std() > 10 and b[:, 1].std() > 10, split  # crops at many places of their part
+    for a, b in ((TRAIN, TEST), (TRAIN, HOLDOUT), (TEST, HOLDOUT)):
+        p, q = boxes[a][:, None], boxes[b][None]  # every pair
+        overlap = (np.minimum(p[..., 2], q[..., 2]) > np.maximum(p[..., 0], q[..., 0])) & \
+                  (np.minimum(p[..., 3], q[..., 3]) > np.maximum(p[..., 1], q[..., 1]))
+        assert not overlap.any(), (a, b)
+
+
+@pytest.mark.parametrize("split", [TRAIN, TEST, HOLDOUT])
+def test_a_disjoint_image_shows_its_crop_box(split):
+    name, side = "gravel_disjoint", PHOTOS["gravel_disjoint"].side
+    photo = _source(name, side)[..., 0]  # at the crop's own scale: no resampling blur
+    for i in range(2):
+        img = render_image(name, side, 0, split, None, i)[0].astype(float)
+        y0, x0, _, _ = (int(round(v)) for v in crop_box(name, side, 0, split, None, i))
+        crop = photo[y0:y0 + side, x0:x0 + side]
+        views = [np.rot90(c, k) for c in (crop, crop[:, ::-1]) for k in range(4)]  # the 8 turns/mirrors
+        assert max(_corr(img, v) for v in views) > 0.9, (split, i)
+
+
+def test_disjoint_categories_write_a_holdout_root_and_stay_out_of_all(tmp_path, capsys):
+    assert check_categories("all") == list(ALL_CATEGORIES) and not set(DISJOINT) & set(ALL_CATEGORIES)
+    args = get_args_parser().parse_args(
+        ["--dst", str(tmp_path), "--categories", "grass_disjoint", "--size", "48", "--n_train", "3",
+         "--n_test_good", "2", "--n_per_defect", "1", "--n_holdout", "6"])
+    main(args)
+    assert "--holdout_root" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grass_disjoint", "grass_disjoint" + HOLDOUT_SUFFIX]
+    meta = json.loads((tmp_path / "grass_disjoint" / MARKER).read_text())
+    assert meta["kind"] == "texture" and meta["holdout_root"] == "grass_disjoint" + HOLDOUT_SUFFIX
+    assert meta["parts"]["test"] == list(DISJOINT_PARTS[TEST])
+    holdout = tmp_path / ("grass_disjoint" + HOLDOUT_SUFFIX)
+    hmeta = json.loads((holdout / MARKER).read_text())
+    assert hmeta["kind"] == "texture" and hmeta["holdout"] and hmeta["holdout_for"] == "grass_disjoint"
+    assert sorted(p.name for p in holdout.iterdir()) == [MARKER, "train"]
+    files = sorted((holdout / "train/good").glob("*.png"))
+    assert len(files) == 6 and _load(files[0]).shape == (48, 48)
+    train = {p.read_bytes() for p in (tmp_path / "grass_disjoint/train/good").glob("*.png")}
+    assert not train & {p.read_bytes() for p in files}
+    with pytest.raises(UserError, match="--overwrite"):
+        make_holdout(holdout, "grass_disjoint", size=48, n_holdout=5)
+    assert make_holdout(holdout, "grass_disjoint", size=48, n_holdout=5, overwrite=True) == 5
+    assert len(list((holdout / "train/good").glob("*.png"))) == 5
+    with pytest.raises(UserError, match="no held-out part"):
+        make_holdout(tmp_path / "g", "grass", size=48)
+
+
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
@@ -144,6 +211,8 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
     (["--n_train", "0"], ["--n_train"]),
     (["--n_per_defect", "-1"], ["--n_per_defect"]),
     (["--size", "400", "--categories", "page"], ["--size", "page"]),
+    (["--size", "256", "--categories", "grass_disjoint"], ["--size", "grass_disjoint"]),
+    (["--categories", "gravel_disjoint", "--n_holdout", "2"], ["--n_holdout"]),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, words):
     args = get_args_parser().parse_args(["--dst", str(tmp_path / "out"), *argv])
@@ -201,6 +270,6 @@ def test_nothing_is_downloaded(tmp_path):
 def test_help_mentions_everything():
     text = get_args_parser().format_help()
     for word in ("--dst", "--categories", "--seed", "--size", "--n_train", "--n_test_good",
-                 "--n_per_defect", "--overwrite", "brick", "coins", "missing", *PHOTOS,
+                 "--n_per_defect", "--n_holdout", "--overwrite", "brick", "coins", "missing", *PHOTOS,
                  *defects_of("page")):
         assert word in text
