@@ -86,6 +86,8 @@ def test_masks_of_float_images_use_the_stated_tolerance():
     y[5, 6, 2] -= FLOAT_TOLERANCE * 1.1
     assert np.argwhere(changed(x, y)).tolist() == [[5, 6]]
     assert changed(x, y, tolerance=0.0).sum() == 2
+    with pytest.raises(ValueError, match="one kind"):
+        changed(np.zeros((20, 20), np.uint8), y[..., 0])
 
 
 def test_uint8_blend_rounds_and_clips():

@@ -81,6 +81,7 @@ def as_scene(image: Array) -> Array:
 
 
 def check_strength(strength: float) -> None:
+    """ValueError unless 0 <= strength <= 1."""
     if not 0.0 <= strength <= 1.0:  # also refuses NaN
         raise ValueError(f"strength must be in [0, 1], got {strength}")
 
@@ -103,7 +104,9 @@ def changed(original: Array, new: Array, tolerance: float = FLOAT_TOLERANCE) -> 
     """bool [H, W]: where `new` differs from `original` in some channel (uint8: at all; float: by more
     than `tolerance`)."""
     a, b = _hwc(original), _hwc(new)
-    if original.dtype == np.uint8 and new.dtype == np.uint8:
+    if (original.dtype == np.uint8) != (new.dtype == np.uint8):
+        raise ValueError(f"compare images of one kind (uint8 or float), got {original.dtype} and {new.dtype}")
+    if original.dtype == np.uint8:
         return (a != b).any(axis=2)
     return (np.abs(b.astype(np.float64) - a.astype(np.float64)) > tolerance).any(axis=2)
 
