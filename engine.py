@@ -1,15 +1,20 @@
-"""The loops: one training epoch (`train_one_epoch`) and batched anomaly scoring (`run_inference`,
-`evaluate`). They take named values, never the command line's `args`."""
+"""The loops: one training epoch (`train_one_epoch`), batched anomaly scoring (`run_inference`,
+`evaluate`) and the discriminative head's training on simulated anomalies (`train_head`). They take
+named values, never the command line's `args`."""
 import contextlib
+import math
 import time
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from models_head import HEAD_INPUTS, head_maps
 from util import distributed as dist_util
 from util.cli import UserError
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.host_reads import HostRead
 from util.logger import Progress
 from util.lr_sched import lr_at, set_lr
@@ -377,3 +382,257 @@ def evaluate(
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+# ---- the discriminative head (models_head) ----------------------------------------------------
+class HeadInputs(NamedTuple):
+    """What the head reads, for n images, on one device, float32 (models_head)."""
+    images: torch.Tensor  # [n, 3, H, W], normalised
+    reconstructions: torch.Tensor  # [n, 3, H, W]
+    error_maps: dict[str, torch.Tensor]  # {error: [n, H, W]}, unsmoothed
+
+    def select(self, index: Union[torch.Tensor, slice]) -> "HeadInputs":
+        return HeadInputs(self.images[index], self.reconstructions[index],
+                          {e: m[index] for e, m in self.error_maps.items()})
+
+
+def head_inputs(scorer: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: Optional[torch.dtype],
+                batch_size: int = 16) -> HeadInputs:
+    """The head's inputs for uint8 images [n, 3, H, W] (normalised as util.datasets does): the MAE's
+    reconstructions and error maps from `scorer.error_maps` (an AnomalyScorer; models_head.HEAD_INPUTS),
+    in batches of batch_size, without gradients, on `device`."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    parts = []
+    for lo in range(0, images.shape[0], batch_size):
+        imgs = (images[lo:lo + batch_size].to(device).float() / 255.0 - mean) / std
+        with torch.no_grad(), autocast(device, amp_dtype):
+            maps, reconstructions = scorer.error_maps(imgs, HEAD_INPUTS)
+        parts.append(HeadInputs(imgs, reconstructions.float(), {e: m.float() for e, m in maps.items()}))
+    return HeadInputs(torch.cat([p.images for p in parts]), torch.cat([p.reconstructions for p in parts]),
+                      {e: torch.cat([p.error_maps[e] for p in parts]) for e in parts[0].error_maps})
+
+
+class HeadEvalSet(NamedTuple):
+    """Images with known anomalies and their head inputs, computed once (the MAE is frozen)."""
+    inputs: HeadInputs
+    labels: np.ndarray  # [n] 0/1
+    masks: np.ndarray  # [n, H, W] bool
+    defects: list[str]  # [n]
+
+
+def head_metrics(head: nn.Module, eval_set: HeadEvalSet, image_kernel: int, device: torch.device,
+                 amp_dtype: Optional[torch.dtype], batch_size: int = 16) -> dict[str, Any]:
+    """`compute_metrics` of the head's maps and scores (models_head.head_maps) on an eval set; the
+    head's mode is restored afterwards."""
+    was_training = head.training
+    head.eval()
+    maps, scores = [], []
+    try:
+        for lo in range(0, len(eval_set.labels), batch_size):
+            part = eval_set.inputs.select(slice(lo, lo + batch_size))
+            with torch.no_grad(), autocast(device, amp_dtype):
+                anomaly_maps, _, image_scores = head_maps(head(*part), image_kernel)
+            maps.append(anomaly_maps.cpu())
+            scores.append(image_scores.cpu())
+    finally:
+        head.train(was_training)
+    return compute_metrics(torch.cat(scores).numpy(), eval_set.labels, eval_set.defects,
+                           anomaly_maps=torch.cat(maps).numpy(), masks=eval_set.masks)
+
+
+SELECTION_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def selection_score(metrics: dict[str, Any]) -> float:
+    """The held-out selection criterion: the mean of SELECTION_METRICS (a missing one counts 0)."""
+    return float(np.mean([metrics.get(k) or 0.0 for k in SELECTION_METRICS]))
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Binary focal loss with soft targets t in [0, 1], mean over pixels:
+    |t - sigmoid(z)|^gamma * BCE(z, t) (gamma 0: BCE; with hard targets the focal loss of Lin et al.)."""
+    logits = logits.float()
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return ((targets - torch.sigmoid(logits)).abs() ** gamma * bce).mean()
+
+
+class SampleBuffer:
+    """The most recent `capacity` simulated samples (head inputs and targets) on the device; each step
+    replaces the oldest ones with fresh samples and draws its batch uniformly from those held."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.count = 0
+        self.next = 0
+        self.inputs: Optional[HeadInputs] = None
+        self.targets: Optional[torch.Tensor] = None  # [capacity, H, W]
+
+    def add(self, inputs: HeadInputs, targets: torch.Tensor) -> None:
+        if self.inputs is None:
+            def empty(t):
+                return t.new_zeros((self.capacity, *t.shape[1:]))
+            self.inputs = HeadInputs(empty(inputs.images), empty(inputs.reconstructions),
+                                     {e: empty(m) for e, m in inputs.error_maps.items()})
+            self.targets = empty(targets)
+        n = targets.shape[0]
+        index = (self.next + torch.arange(n, device=targets.device)) % self.capacity
+        self.inputs.images[index] = inputs.images
+        self.inputs.reconstructions[index] = inputs.reconstructions
+        for e, m in inputs.error_maps.items():
+            self.inputs.error_maps[e][index] = m
+        self.targets[index] = targets
+        self.next = (self.next + n) % self.capacity
+        self.count = min(self.capacity, self.count + n)
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[HeadInputs, torch.Tensor]:
+        index = torch.randint(self.count, (n,), generator=generator).to(self.targets.device)
+        return self.inputs.select(index), self.targets[index]
+
+
+def random_crops(inputs: HeadInputs, targets: torch.Tensor, size: int, generator: torch.Generator
+                 ) -> tuple[HeadInputs, torch.Tensor]:
+    """One size x size window of each sample: around a random anomalous pixel (anywhere in the window)
+    when the sample has one, else anywhere. size 0 or the full side: the samples as they are."""
+    n, h, w = targets.shape
+    if size <= 0 or size >= min(h, w):
+        return inputs, targets
+    tops, lefts = [], []
+    for i in range(n):
+        anomalous = torch.nonzero(targets[i] > 0).cpu()
+        if len(anomalous):
+            y, x = anomalous[torch.randint(len(anomalous), (1,), generator=generator)][0].tolist()
+            dy, dx = torch.randint(size, (2,), generator=generator).tolist()
+            tops.append(min(max(y - dy, 0), h - size))
+            lefts.append(min(max(x - dx, 0), w - size))
+        else:
+            tops.append(int(torch.randint(h - size + 1, (1,), generator=generator)))
+            lefts.append(int(torch.randint(w - size + 1, (1,), generator=generator)))
+
+    def crop(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t[i, ..., y:y + size, x:x + size] for i, (y, x) in enumerate(zip(tops, lefts))])
+    return HeadInputs(crop(inputs.images), crop(inputs.reconstructions),
+                      {e: crop(m) for e, m in inputs.error_maps.items()}), crop(targets)
+
+
+class HeadTraining(NamedTuple):
+    """The result of `train_head`: the selected weights and the evidence."""
+    state_dict: dict[str, torch.Tensor]  # the EMA weights at the selected step, on the CPU
+    selected_step: int
+    history: list[dict[str, Any]]  # one record per checked step: held-out metrics, loss, lr (and report_fn's)
+    seconds: float
+    samples_simulated: int
+
+
+def ema_average(decay: float):
+    """AveragedModel's avg_fn: the plain mean of the first 1/(1 - decay) steps, then an exponential
+    moving average with `decay` (so the initial weights fade out as fast as a mean allows)."""
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        weight = max(1.0 - decay, 1.0 / (float(num_averaged) + 1.0))
+        return averaged + (current - averaged) * weight
+    return average
+
+
+def train_head(
+    head: nn.Module,
+    scorer: nn.Module,
+    simulate_batch,
+    holdout: HeadEvalSet,
+    *,
+    steps: int,
+    batch_size: int,
+    fresh_per_step: int,
+    buffer_size: int,
+    crop_size: int,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    ema_decay: float,
+    focal_gamma: float,
+    image_kernel: int,
+    select_every: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    seed: int = 0,
+    report_fn=None,
+    report_every: int = 0,
+    show_progress: bool = True,
+) -> HeadTraining:
+    """Train the discriminative head on simulated anomalies, the MAE inside `scorer` frozen.
+
+    simulate_batch(n) -> util.anomaly_simulation.SimulatedBatch: n fresh samples (uint8 images and
+    soft targets). Each step puts `fresh_per_step` of them (through the MAE: `head_inputs`) into a
+    SampleBuffer of `buffer_size` (filled with `batch_size` before the first step), draws `batch_size`
+    from it (so each sample is used about batch_size / fresh_per_step times), crops each to
+    `crop_size` (`random_crops`), and makes one AdamW step on the focal loss (`focal_loss`); the
+    learning rate warms up linearly over warmup_steps, then follows a cosine down to min_lr
+    (util.lr_sched). An EMA of the weights (`ema_average`) is checked every `select_every` steps and at
+    the last on the held-out eval set (held-out normal images with simulated anomalies: no test
+    image); the EMA weights with the best `selection_score` (the later on a tie) are returned.
+    report_fn(step, ema_head) -> dict, every `report_every` steps and at the last, adds its numbers to
+    the history and is never read by the selection (main_train_head.py: test metrics, for reports).
+    A non-finite loss raises UserError(exit_code=1).
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    head.train(True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    ema = torch.optim.swa_utils.AveragedModel(head, avg_fn=ema_average(ema_decay))
+    buffer = SampleBuffer(max(buffer_size, batch_size))
+    simulated = 0
+
+    def add_fresh(n: int) -> None:
+        nonlocal simulated
+        batch = simulate_batch(n)
+        buffer.add(head_inputs(scorer, batch.images, device, amp_dtype), batch.targets.to(device))
+        simulated += n
+
+    add_fresh(batch_size)
+    history: list[dict[str, Any]] = []
+    best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    bar = tqdm(range(steps), desc="head", disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
+    try:
+        for step in bar:
+            step_lr = lr_at(step, lr, min_lr, warmup_steps, steps)
+            set_lr(optimizer, step_lr)
+            add_fresh(fresh_per_step)
+            inputs, targets = random_crops(*buffer.draw(batch_size, generator), crop_size, generator)
+            with autocast(device, amp_dtype):
+                logits = head(*inputs)
+            loss = focal_loss(logits[:, 0], targets, focal_gamma)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update_parameters(head)
+            loss_sum += loss.detach()
+            loss_count += 1
+            done = step + 1
+            check = done % select_every == 0 or done == steps
+            report = report_fn is not None and report_every > 0 and (done % report_every == 0 or done == steps)
+            if not (check or report):
+                continue
+            mean_loss = float(loss_sum) / loss_count
+            if not math.isfinite(mean_loss):
+                raise UserError(f"head training diverged: non-finite loss by step {done}; try a lower --lr",
+                                exit_code=1)
+            record: dict[str, Any] = {"step": done, "loss": mean_loss, "lr": step_lr}
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+            if check:
+                metrics = head_metrics(ema.module, holdout, image_kernel, device, amp_dtype)
+                record.update({f"holdout_{k}": metrics[k] for k in SELECTION_METRICS},
+                              holdout_score=selection_score(metrics))
+                if best is None or record["holdout_score"] >= best[0]:
+                    best = (record["holdout_score"], done,
+                            {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()})
+            if report:
+                record.update(report_fn(done, ema.module))
+            history.append(record)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", held_out=f"{record.get('holdout_score', float('nan')):.3f}")
+            if not show_progress:
+                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                      flush=True)
+    finally:
+        bar.close()
+    return HeadTraining(best[2], best[1], history, time.perf_counter() - start, simulated)
