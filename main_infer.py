@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ from lora_utils import cast_frozen_weights, import_adapter, is_lora_name, merge_
 from models_mae import MODELS, AnomalyScorer, MaskedAutoencoderViT, create_model
 from scoring import ScoringOptions, build_scorer as build_calibrated_scorer, calibration_matches, \
     checkpoint_defaults, holdout_error_maps, options_from
-from util.calibration import MAP_CHOICES, SCORE_METHODS, Threshold, normalized_scores, predicted_labels
+from util.calibration import (MAP_CHOICES, SCORE_METHODS, Threshold, ThresholdCheck, check_false_alarms,
+                              normalized_scores, predicted_labels)
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
 from util.cli import OneLineArgumentParser, UserError, run_cli, warn
 from util.datasets import TestDataset, TestItem, find_test_items, load_mask, raw_layout_stem, unlabelled_items
@@ -120,8 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"(default: {d.pixel_quantile:g})")
     g.add_argument("--holdout_root", metavar="ROOT",
                    help="category root holding the checkpoint's held-out images (train/good/<name>), used when the "
-                        "checkpoint's stored calibration does not fit the scoring options (default: --data_path, "
-                        "else the training --data_path stored in the checkpoint)")
+                        "checkpoint's stored calibration does not fit the scoring options (default: the checkpoint's "
+                        "main_train.py --holdout_root when it had one, else --data_path, else the training "
+                        "--data_path stored in the checkpoint)")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="images per forward pass; each becomes num_masks sequences (default: 8)")
     parser.add_argument("--device", default="auto",
@@ -246,18 +248,28 @@ def build_model(checkpoint_path: str, pretrained: Optional[str] = None
     return model, train_args, calibration if isinstance(calibration, dict) else None
 
 
+def holdout_root_for(train_args: dict[str, Any], holdout_root: Optional[str], data_path: Optional[str]
+                     ) -> Optional[str]:
+    """The category root whose train/good holds a checkpoint's held-out images: --holdout_root; else the
+    root it was calibrated on by main_train.py --holdout_root (then never --data_path, whose train/good
+    holds training images, maybe of the same names); else --data_path, else the training --data_path."""
+    return holdout_root or train_args.get("holdout_root") or data_path or train_args.get("data_path")
+
+
 def holdout_maps_for(model: MaskedAutoencoderViT, train_args: dict[str, Any], calibration: Optional[dict[str, Any]],
                      options: ScoringOptions, holdout_root: Optional[str], device: torch.device,
-                     amp_dtype: Optional[torch.dtype]) -> tuple[Optional[dict[str, torch.Tensor]], str]:
+                     amp_dtype: Optional[torch.dtype], data_path: Optional[str] = None
+                     ) -> tuple[Optional[dict[str, torch.Tensor]], str]:
     """The held-out normal maps for `options` and a line saying where they came from: the checkpoint's
-    stored calibration when it fits, else recomputed from the held-out images, else None."""
+    stored calibration when it fits, else recomputed from the held-out images (in
+    holdout_root_for(train_args, holdout_root, data_path)), else None."""
     if calibration is not None and calibration_matches(calibration, options, model.img_size):
         n = len(calibration["holdout_files"])
         return calibration["maps"], f"calibration: stored in the checkpoint ({n} held-out normal images)"
     names = list(train_args.get("holdout_files") or [])
     if not names:
         return None, "the checkpoint has no held-out images (trained before --holdout existed, or with --holdout 0)"
-    root = holdout_root or train_args.get("data_path")
+    root = holdout_root_for(train_args, holdout_root, data_path)
     try:
         maps = holdout_error_maps(model, root, names, options, device, amp_dtype)
     except UserError as e:
@@ -269,10 +281,12 @@ def holdout_maps_for(model: MaskedAutoencoderViT, train_args: dict[str, Any], ca
 
 def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout_root: Optional[str] = None,
                  device: torch.device = torch.device("cpu"), amp_dtype: Optional[torch.dtype] = None,
+                 data_path: Optional[str] = None,
                  **scoring_options: Any) -> tuple[AnomalyScorer, Optional[Threshold], dict[str, Any], dict[str, Any]]:
     """The checkpoint's model inside a scorer for the scoring options (ScoringOptions' names; None or
     absent = the checkpoint's own: scoring.checkpoint_defaults), calibrated on its held-out normal
-    images, and the decision Threshold.
+    images (read, when they must be, from holdout_root_for(..., holdout_root, data_path)), and the
+    decision Threshold.
 
     Returns (scorer in eval mode on `device`, Threshold or None, the checkpoint's training options, the
     scoring record: the options used, where they came from, the stored choice and its evidence).
@@ -285,7 +299,8 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
     defaults, recipe_source = checkpoint_defaults(calibration, train_args)
     options = options_from(scoring_options, defaults)
     overridden = sorted(k for k, v in scoring_options.items() if v is not None and v != getattr(defaults, k))
-    maps, source = holdout_maps_for(model, train_args, calibration, options, holdout_root, device, amp_dtype)
+    maps, source = holdout_maps_for(model, train_args, calibration, options, holdout_root, device, amp_dtype,
+                                    data_path)
     if maps is None and options.needs_calibration:
         explicit = [f"--{k} {scoring_options[k]}" for k in ("pixel_map", "image_map") if scoring_options.get(k)]
         if explicit:
@@ -609,13 +624,21 @@ METRIC_NOTES = {
                           "oracle that has seen the answers, for comparison with published numbers only; never "
                           "deploy it.",
     "per_defect": "image AUROC of each defect type against all good images (also per_defect_image_auroc).",
+    "threshold_check": "the learnt image threshold on the good test images: false_alarm_rate (share with score >= "
+                       "threshold.image) against promised_rate (1 - image_quantile); warning set when the rate is "
+                       "above warn_above: more than 3x the promise and a count chance reaches at most 1 run in "
+                       "100 (binomial tail over n_normal). A warning: calibrate on separate normal images "
+                       "(main_train.py --holdout_root).",
+    "warnings": "every warning of this run, as the console and report.html show them.",
 }
 
 
 def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, data_path: str, eval_size: str,
                   image: Heat, threshold: Optional[Threshold], scoring: dict[str, Any],
-                  seconds_per_image: float) -> tuple[dict[str, Any], list[str]]:
-    """metrics.json, roc.png and summary.png of a labelled run; returns the metrics and the console lines."""
+                  seconds_per_image: float, threshold_check: Optional[ThresholdCheck] = None,
+                  warnings: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """metrics.json, roc.png and summary.png of a labelled run; returns the metrics and the console lines
+    (the warnings are printed by the caller)."""
     if eval_size == "full":
         maps_full, masks_full = full_resolution_arrays(dataset, collector)
         metrics = collector.metrics(maps_full, masks_full)
@@ -630,6 +653,8 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
         at = threshold_metrics(collector.scores, collector.labels, threshold.image)
         metrics.update({f"image_{k}": v for k, v in at.items()})
         metrics["threshold"] = threshold.to_dict()
+    metrics["threshold_check"] = threshold_check.to_dict() if threshold_check is not None else None
+    metrics["warnings"] = list(warnings)
     metrics["notes"] = {k: v for k, v in METRIC_NOTES.items() if k in metrics}
     save_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     lines = ["", format_metrics_table(metrics)] + report_pixel_notes(metrics, data_path)
@@ -637,6 +662,8 @@ def write_metrics(out: Path, dataset: TestDataset, collector: ScoreCollector, da
         lines.append(f"at the learnt threshold {threshold.image:.4g} (quantile {threshold.image_quantile:g} of "
                      f"{threshold.n_images} held-out normal images): precision {metrics['image_precision']:.3f}, "
                      f"recall {metrics['image_recall']:.3f}, F1 {metrics['image_f1']:.3f}")
+    if threshold_check is not None:
+        lines.append(threshold_check.describe())
     if metrics["image_auroc"] is not None:
         save_roc(out / "roc.png", collector.scores, collector.labels, metrics["image_auroc"])
     else:
@@ -689,6 +716,14 @@ def scoring_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ScoringOptions().to_dict()}
 
 
+def run_warnings(choice: Optional[dict[str, Any]], check: Optional[ThresholdCheck]) -> list[str]:
+    """The run's warnings, in the words the console, metrics.json and report.html all show: the stored
+    recipe choice's own (when the held-out evidence could not tell the candidates apart), then the
+    threshold check's."""
+    found = [(choice or {}).get("warning"), check.warning if check is not None else None]
+    return [text for text in found if text]
+
+
 def threshold_line(threshold: Optional[Threshold]) -> str:
     return threshold_text(threshold and threshold.image, threshold and threshold.n_images,
                           threshold and threshold.image_quantile)
@@ -702,7 +737,7 @@ def main(args: argparse.Namespace) -> int:
     tiff_files = tiff_paths(items, tiff_dir) if tiff_dir is not None else None
     check_output_dir(args.output_dir, args.overwrite)  # before the slow model and data
     scorer, threshold, train_args, scoring_record = load_scoring(
-        args.checkpoint, args.pretrained, args.holdout_root or args.data_path, device, amp_dtype, **scoring_flags(args))
+        args.checkpoint, args.pretrained, args.holdout_root, device, amp_dtype, args.data_path, **scoring_flags(args))
     if args.save_masks and threshold is None:
         raise UserError("--save_masks needs a pixel threshold, which comes from held-out normal images; this "
                         "checkpoint has none (retrain with --holdout)")
@@ -741,13 +776,16 @@ def main(args: argparse.Namespace) -> int:
         by_path = {it.path: f for it, f in zip(items, tiff_files)}
         write_tiffs(dataset, collector, [by_path[it.path] for it in dataset.items])
     metrics = None
+    check = check_false_alarms(collector.scores[collector.labels == 0], threshold.image, threshold.image_quantile) \
+        if labelled and threshold is not None else None
+    warnings = run_warnings(scoring_record["choice"], check)
     if labelled:
         metrics, metric_lines = write_metrics(
             out, dataset, collector, args.data_path, args.eval_size, image, threshold,
             {**{k: used[k] for k in ("score", "topk_fraction", "sigma", "image_sigma", "num_masks", "mask_pattern")},
              **scoring, "recipe_source": scoring_record["source"],
              "overridden_by_flags": scoring_record["overridden_by_flags"], "choice": scoring_record["choice"]},
-            elapsed / collector.count)
+            elapsed / collector.count, check, warnings)
         lines += metric_lines + ["", f"threshold: {threshold_line(threshold)}"]
     else:
         lines += [""] + console_lines(images, threshold_line(threshold))
@@ -759,10 +797,13 @@ def main(args: argparse.Namespace) -> int:
         f"{args.checkpoint}; image map {scoring['image_map']}, pixel map {scoring['pixel_map']} "
         f"({scoring_record['source'].removeprefix('note: ')})",
         images, skipped, threshold_line(threshold), metrics, pictures,
-        ["scores.csv", "skipped.csv"] + (["metrics.json"] if labelled else [])))
+        ["scores.csv", "skipped.csv"] + (["metrics.json"] if labelled else []),
+        notes=[check.describe()] if check is not None else [], warnings=warnings))
     lines.append(count_line(images, skipped, out / "skipped.csv"))
     print("\n".join(lines + output_lines(out, labelled, recon_u8 is not None, image, args.save_masks, tiff_dir)),
           flush=True)
+    for text in warnings:  # last, where they are seen
+        warn(text)
     return 0
 
 

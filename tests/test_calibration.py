@@ -8,10 +8,11 @@ from scipy import ndimage
 
 from models_mae import AnomalyScorer, create_model
 from scoring import ScoringOptions, build_scorer, fit_scoring, make_calibration
-from util.calibration import (MAP_CHOICES, LevelStats, MapSpec, Threshold, fit_level, fit_threshold, image_scores,
-                              leave_one_out_mean_std, level_map, mean_std, normalized_scores, predicted_labels)
+from util.calibration import (MAP_CHOICES, LevelStats, MapSpec, Threshold, binomial_tail, check_false_alarms,
+                              false_alarm_limit, fit_level, fit_threshold, image_scores, leave_one_out_mean_std,
+                              level_map, mean_std, normalized_scores, predicted_labels)
 from util.cli import UserError
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, MIN_HOLDOUT, TrainDataset, holdout_names
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, MIN_HOLDOUT, TrainDataset, holdout_names, holdout_root_names
 from util.error_maps import msgms, squared_error
 from util.metrics import threshold_metrics
 from util.smoothing import GaussianSmoothing
@@ -187,6 +188,18 @@ def test_holdout_names_are_seeded_sized_and_checked(tmp_path, capsys):
     assert "none held out for calibration" in capsys.readouterr().err
 
 
+def test_holdout_root_names_are_every_image_and_checked(tmp_path):
+    data = _train_folder(tmp_path / "cat", 8)
+    other = _train_folder(tmp_path / "other", MIN_HOLDOUT)
+    assert holdout_root_names(other, data) == sorted(p.name for p in (other / "train" / "good").iterdir())
+    few = _train_folder(tmp_path / "few", MIN_HOLDOUT - 1)
+    for root, message in ((few, f"has {MIN_HOLDOUT - 1} images; calibration needs at least {MIN_HOLDOUT}"),
+                          (tmp_path / "nowhere", "no folder"), (data, "is --data_path")):
+        with pytest.raises(UserError, match="--holdout_root") as caught:
+            holdout_root_names(root, data)
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_training_dataset_never_reads_held_out_images(tmp_path):
     root = _train_folder(tmp_path / "cat", 20)
     names = holdout_names(root, 0.25, seed=0)
@@ -229,3 +242,32 @@ def test_calibrated_recipes_need_held_out_maps():
     scorer, threshold = build_scorer(model, ScoringOptions(num_masks=2, mask_pattern="checkerboard",
                                                            image_map="mse"), None)
     assert threshold is None and str(scorer.image_level.spec) == "mse"
+
+
+# ---- the threshold against new normal images -------------------------------------------------
+def test_binomial_tail_and_the_false_alarm_limit_by_hand():
+    np.testing.assert_allclose(binomial_tail(2, 0.5), [1.0, 0.75, 0.25, 0.0])
+    np.testing.assert_allclose(binomial_tail(3, 0.0), [1.0, 0.0, 0.0, 0.0, 0.0])
+    # n = 10, p = 0.05: P(X >= 3) = 1 - 0.95^10 - 10 * 0.05 * 0.95^9 - 45 * 0.05^2 * 0.95^8 = 0.0115 > 0.01,
+    # P(X >= 4) = 0.0010: 3 of 10 flagged is within chance, so the limit is 3/10 (above 3 x 0.05)
+    tail = binomial_tail(10, 0.05)
+    assert tail[3] == pytest.approx(1 - 0.95**10 - 10 * 0.05 * 0.95**9 - 45 * 0.05**2 * 0.95**8)
+    assert false_alarm_limit(10, 0.05) == pytest.approx(0.3)
+    assert false_alarm_limit(40, 0.05) == pytest.approx(0.15)  # 6/40 = 3 x 0.05: both bounds agree
+    assert false_alarm_limit(400, 0.05) == pytest.approx(0.15)  # many images: the factor decides
+    assert false_alarm_limit(10, 0.0) == 0.0  # a promise of no false alarm: any one warns
+    assert false_alarm_limit(1, 0.05) == 1.0  # one image: never a warning
+
+
+def test_false_alarm_warning_only_above_the_limit():
+    scores = np.arange(1, 11) / 10  # 10 normal test images: 0.1 .. 1.0
+    within = check_false_alarms(scores, 0.75, 0.95)  # 3 of 10 at or above: the limit itself, no warning
+    assert (within.n_normal, within.n_flagged, within.false_alarm_rate) == (10, 3, 0.3)
+    assert within.promised_rate == 0.05 and within.warn_above == pytest.approx(0.3) and within.warning is None
+    above = check_false_alarms(scores, 0.7, 0.95)  # 4 of 10: at or above counts, as pred_label does
+    assert above.n_flagged == 4 and "4 of 10 good test images" in above.warning
+    assert "--holdout_root" in above.warning and "\n" not in above.warning
+    assert check_false_alarms(scores, 2.0, 0.95).warning is None  # nothing flagged
+    assert check_false_alarms(scores, 1.0, 1.0).warning is not None  # quantile 1 promises none: one warns
+    assert check_false_alarms(np.array([]), 0.5, 0.95) is None
+    assert within.to_dict()["warning"] is None and "3 of 10 good test images" in within.describe()

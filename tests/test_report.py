@@ -4,6 +4,8 @@ needs --overwrite (which deletes only this script's outputs), and the verdict wo
 console, the overlay titles and the report.
 """
 import csv
+import json
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -236,3 +238,79 @@ def test_old_flag_names_are_still_accepted_but_not_shown():
     assert predict_onnx.get_args_parser().parse_args(["--onnx", "m.onnx", "--images", "x", "--output_dir", "o"]).onnx \
         == "m.onnx"
     assert main_infer.get_args_parser().prog == "main_infer.py"
+
+
+# ---- warnings: the threshold against the test normals, the stored choice's note ----------------
+CHOICE_WARNING = "the held-out evidence could not tell the image candidates apart"
+
+
+@pytest.fixture(scope="module")
+def scaled_checkpoints(synthetic_category, tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints whose held-out maps are the real ones scaled by 1e-3 ('low': every test image scores
+    above the threshold; its stored choice carries a warning) and by 1e3 ('high': none does)."""
+    folder = tmp_path_factory.mktemp("scaled")
+    names = [p.name for p in list_images(synthetic_category / "train" / "good")[:4]]
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch7", img_size=SIZE, lora_rank=4)
+    base = {"model": unmerged_state_dict(model), "optimizer": {}, "scaler": None, "epoch": 0,
+            "args": {**TRAIN_ARGS, "holdout_files": names, "data_path": str(synthetic_category),
+                     "scoring_version": 3}}
+    torch.save(base, folder / "plain.pth")
+    model, _, _ = main_infer.build_model(str(folder / "plain.pth"))
+    maps = holdout_error_maps(model, synthetic_category, names, ScoringOptions(), torch.device("cpu"), None)
+    paths = {}
+    for name, scale in (("low", 1e-3), ("high", 1e3)):
+        calibration = make_calibration({e: m * scale for e, m in maps.items()}, names, SIZE, ScoringOptions())
+        if name == "low":  # the stored choice of a checkpoint whose evidence could not decide
+            calibration["choice"] = {"image_map": "mse", "image_sigma": 4.0, "score": "max", "topk_fraction": 0.01,
+                                     "pixel_map": "mse", "evidence": {}, "warning": CHOICE_WARNING}
+        paths[name] = folder / f"{name}.pth"
+        torch.save({**base, "calibration": calibration}, paths[name])
+    return paths
+
+
+@pytest.mark.slow
+def test_false_alarms_above_the_promise_and_the_choice_warning_show_everywhere(scaled_checkpoints,
+                                                                              synthetic_category, tmp_path, capsys):
+    runs = {}
+    for name, path in scaled_checkpoints.items():
+        out = tmp_path / name
+        code, stdout, stderr = _infer(capsys, "--checkpoint", path, "--data_path", synthetic_category, "--output_dir",
+                                      out, "--num_workers", "0", "--amp", "none", "--no_overlays")
+        assert code == 0, stderr
+        runs[name] = (json.loads((out / "metrics.json").read_text()), stdout, stderr,
+                      (out / "report.html").read_text(encoding="utf-8"))
+
+    metrics, stdout, stderr, page = runs["low"]
+    check = metrics["threshold_check"]
+    assert (check["n_normal"], check["n_flagged"], check["false_alarm_rate"]) == (4, 4, 1.0)
+    assert check["promised_rate"] == pytest.approx(0.05) and "--holdout_root" in check["warning"]
+    assert metrics["warnings"] == [CHOICE_WARNING, check["warning"]]
+    for text in metrics["warnings"]:  # the same words in the console and on the page
+        assert f"warning: {text}" in stderr.splitlines()
+        assert html_escape(text) in page
+    assert page.count('class="warning"') == 2 and "4 of 4 good test images" in stdout
+
+    metrics, stdout, stderr, page = runs["high"]
+    check = metrics["threshold_check"]
+    assert (check["n_normal"], check["n_flagged"], check["warning"]) == (4, 0, None)
+    assert metrics["warnings"] == [] and 'class="warning"' not in page and "warning:" not in stderr
+    assert "0 of 4 good test images" in stdout and "0 of 4 good test images" in page
+
+
+@pytest.mark.slow
+def test_the_choice_warning_shows_on_unlabelled_runs(scaled_checkpoints, user_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = _infer(capsys, "--checkpoint", scaled_checkpoints["low"], "--images", user_folder / "a.png",
+                             "--output_dir", out, "--num_workers", "0", "--amp", "none", "--no_overlays")
+    assert code == 0, stderr
+    assert f"warning: {CHOICE_WARNING}" in stderr.splitlines()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('class="warning"') == 1 and CHOICE_WARNING in page and not (out / "metrics.json").exists()
+
+
+def test_report_shows_each_warning_in_a_box():
+    html = render_report("MAE-AD report", "--images x", [ScoredImage("a.png", 1.0, 0.7, 1)], [], "0.5 (test)",
+                         notes=["a note"], warnings=["first <one>", "second"])
+    assert html.count('<p class="warning"><b>Warning</b>: ') == 2 and "first &lt;one&gt;" in html
+    assert html.index("first &lt;one&gt;") < html.index("second") < html.index("a note")

@@ -185,3 +185,84 @@ def normalized_scores(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
 def predicted_labels(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
     """1 exactly where score >= the image threshold."""
     return (np.asarray(scores) >= threshold.image).astype(np.int64)
+
+
+# ---- the threshold against new normal images ------------------------------------------------------
+# A false-alarm warning needs a rate above FALSE_ALARM_FACTOR x the promised one AND a count of flagged
+# normal images that a threshold keeping its promise reaches by chance with probability at most
+# FALSE_ALARM_ALPHA (check_false_alarms).
+FALSE_ALARM_FACTOR = 3.0
+FALSE_ALARM_ALPHA = 0.01
+
+
+@dataclass
+class ThresholdCheck:
+    """The image threshold's false alarms on labelled normal (good) test images (check_false_alarms)."""
+
+    false_alarm_rate: float  # share of the normal images with score >= the threshold
+    promised_rate: float  # 1 - image_quantile
+    n_normal: int
+    n_flagged: int
+    warn_above: float  # the rate above which `warning` is set
+    warning: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"false alarms at the image threshold: {self.n_flagged} of {self.n_normal} good test images "
+                f"({_percent(self.false_alarm_rate)}; the quantile promises {_percent(self.promised_rate)}, "
+                f"a warning above {_percent(self.warn_above)})")
+
+
+def _percent(rate: float) -> str:
+    return f"{100 * rate:.3g}%"
+
+
+def binomial_tail(n: int, p: float) -> np.ndarray:
+    """[n + 2] float64: P(X >= k) for k = 0 .. n + 1, X ~ Binomial(n, p) (log-space pmf: no overflow)."""
+    k = np.arange(n + 1)
+    if p <= 0.0 or p >= 1.0:
+        pmf = (k == (0 if p <= 0.0 else n)).astype(np.float64)
+    else:
+        log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - k[:-1]) - np.log(k[:-1] + 1))])
+        pmf = np.exp(log_comb + k * np.log(p) + (n - k) * np.log1p(-p))
+    return np.concatenate([np.cumsum(pmf[::-1])[::-1], [0.0]])
+
+
+def false_alarm_limit(n_normal: int, promised_rate: float) -> float:
+    """max(FALSE_ALARM_FACTOR x p, p + a): the highest false-alarm rate on n normal images that is no
+    warning, p the promised rate. p + a = (k - 1) / n, k the smallest count of flagged images with
+    P(Binomial(n, p) >= k) <= FALSE_ALARM_ALPHA: on few images a rate well above p happens by chance
+    (p = 0.05: 3 or more of 10 flagged in 1 run of 87, no warning; 4 of 10 warns), from about 40
+    images on the factor decides."""
+    tail = binomial_tail(n_normal, promised_rate)
+    k = int(np.argmax(tail <= FALSE_ALARM_ALPHA))  # tail[n + 1] = 0: always found
+    return max(FALSE_ALARM_FACTOR * promised_rate, (k - 1) / n_normal)
+
+
+def check_false_alarms(normal_scores: np.ndarray, threshold: float, image_quantile: float
+                       ) -> Optional[ThresholdCheck]:
+    """Compare the false-alarm rate of an image threshold on normal test images with the rate its
+    quantile promises, p = 1 - image_quantile; None without normal images.
+
+    Rule: `warning` is set exactly when false_alarm_rate > warn_above = false_alarm_limit(n, p), i.e.
+    the rate is more than FALSE_ALARM_FACTOR (3) times the promise AND that many flagged images would
+    happen with probability at most FALSE_ALARM_ALPHA (0.01) if each normal image were flagged with
+    probability p (binomial tail over the n normal images). The usual cause: held-out images that score
+    lower than new normal images, e.g. crops overlapping the training images.
+    """
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    n = int(scores.size)
+    if n == 0:
+        return None
+    flagged = int((scores >= threshold).sum())
+    rate, promised = flagged / n, round(max(0.0, 1.0 - float(image_quantile)), 12)
+    limit = false_alarm_limit(n, promised)
+    warning = None
+    if rate > limit:
+        warning = (f"the image threshold {threshold:.4g} flags {flagged} of {n} good test images "
+                   f"({_percent(rate)}) where its quantile {image_quantile:g} promises {_percent(promised)}: the "
+                   f"held-out normal images score lower than these new ones (e.g. they overlap the training "
+                   f"images); calibrate on separate normal images with main_train.py --holdout_root ROOT")
+    return ThresholdCheck(rate, promised, n, flagged, limit, warning)

@@ -116,6 +116,8 @@ img.thumb { height: 96px; display: block; }
 .pictures a { min-width: 0; } .pictures img { max-height: 230px; max-width: 100%; border: 1px solid #ddd; }
 .top td { padding: 2px 8px; font-size: 13px; }
 .note { color: #666; font-size: 12px; }
+.warning { background: #fff4e0; border: 1px solid #e0a040; color: #6b3a00; padding: .5em 1em; border-radius: 4px;
+           margin: .6em 0; }
 """
 
 # Sort the table whose header cell was clicked by that column: numbers numerically (highest first on
@@ -200,8 +202,10 @@ def _image_rows(images: Sequence[ScoredImage], labelled: bool) -> str:
 
 def render_report(title: str, source: str, images: Sequence[ScoredImage], skipped: Sequence[Skipped],
                   threshold: str, metrics: Optional[dict[str, Any]] = None,
-                  pictures: Sequence[str] = (), files: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
-    """The page: threshold and its source, metrics (labelled runs), counts, every scored image
+                  pictures: Sequence[str] = (), files: Sequence[str] = (), notes: Sequence[str] = (),
+                  warnings: Sequence[str] = ()) -> str:
+    """The page: threshold and its source, the run's warnings (each in a box under it) and notes,
+    metrics (labelled runs), counts, every scored image
     (overlay thumbnail, score, normalised score, verdict, label and defect where known; sorted by
     score, highest first; a click on a column header sorts by it) and every file not scored with
     its reason. pictures/files: names of PNGs to show and of files to link, relative to the page."""
@@ -229,6 +233,7 @@ def render_report(title: str, source: str, images: Sequence[ScoredImage], skippe
             f'(0 = the most normal held-out image).<br>' if judged else f"{_e(threshold)}.<br>") +
         f'<b>Images</b>: {_e("; ".join(counts))}.</div>',
     ]
+    parts += [f'<p class="warning"><b>Warning</b>: {_e(w)}</p>' for w in warnings]
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
     top = [f"<div>{_metrics_table(metrics)}</div>"] if metrics else []
     if pictures:
