@@ -29,7 +29,8 @@ from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibr
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
 from util.cli import DefaultsHelpFormatter, UserError, run_cli, warn
-from util.datasets import JitteredSampler, TestDataset, TrainDataset, find_test_items, holdout_names
+from util.datasets import (JitteredSampler, TestDataset, TrainDataset, find_test_items, holdout_names,
+                           holdout_root_names)
 from util.device_batches import AUTO_BUDGET_BYTES, DeviceBatches, dataset_bytes
 from util.logger import RunLogger
 from util.masks import make_inference_masks
@@ -64,7 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of train/good kept out of training (seeded by --seed; at least 5 images) to "
                         "calibrate the anomaly scores and the decision threshold on normal images; 0 = none "
                         "(then scoring is uncalibrated and has no threshold) (default: 0.1, or none with a warning "
-                        "when train/good has fewer than 10 images)")
+                        "when train/good has fewer than 10 images; 0 with --holdout_root)")
+    g.add_argument("--holdout_root", default=None, metavar="ROOT",
+                   help="calibrate on every image of ROOT/train/good instead (at least 5): normal images that are "
+                        "not training images, e.g. crops of another stretch of the same surface; then all of "
+                        "--data_path's train/good trains and --holdout may only be 0. Use it when new normal "
+                        "images score higher than a share of train/good (main_infer.py warns of false alarms)")
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes per training process")
     g.add_argument("--data_on_device", default="auto", choices=DATA_ON_DEVICE_CHOICES,
                    help="keep the decoded training images on the training device and cut each batch there (no "
@@ -160,6 +166,11 @@ def validate_args(args: argparse.Namespace) -> None:
                             f"grid side (input_size/7) is even, e.g. 56, 112 or 224, or --eval_every 0") from e
     if args.holdout is not None and not 0.0 <= args.holdout < 0.5:
         raise UserError(f"--holdout {args.holdout}: must be in [0, 0.5) (a fraction of train/good; 0 = none)")
+    if args.holdout_root and args.holdout:
+        # Images kept out of training would go unused, and calibrating on them as well would bring back
+        # the low scores of images that overlap the training ones.
+        raise UserError(f"--holdout {args.holdout} with --holdout_root: the calibration images come from "
+                        f"--holdout_root and all of train/good trains; drop --holdout")
     if not 0.0 < args.train_mask_ratio < 1.0:
         raise UserError(f"--train_mask_ratio {args.train_mask_ratio}: must be between 0 and 1 (MAE uses 0.75)")
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -176,6 +187,7 @@ def resolve_options(args: argparse.Namespace, world_size: int, amp_dtype: Option
     checkpoint's `args` (enough for main_infer.py to rebuild the model, weights_only-loadable)."""
     options = dict(vars(args))
     eff_batch_size = args.batch_size * args.accum_iter * world_size
+    holdout = args.holdout if args.holdout is not None else 0.0 if args.holdout_root else DEFAULT_HOLDOUT
     options.update(
         lr=args.lr if args.lr is not None else args.blr * eff_batch_size / 256,
         eff_batch_size=eff_batch_size,
@@ -185,10 +197,11 @@ def resolve_options(args: argparse.Namespace, world_size: int, amp_dtype: Option
         log_dir=args.log_dir or args.output_dir,
         amp_dtype={torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[amp_dtype],
         device_type=device.type,
-        # The held-out normal images, by name: inference calibrates on them; training never sees them.
-        holdout=DEFAULT_HOLDOUT if args.holdout is None else args.holdout,
-        holdout_files=holdout_names(args.data_path, DEFAULT_HOLDOUT if args.holdout is None else args.holdout,
-                                    args.seed, strict=args.holdout is not None),
+        # The held-out normal images, by name in (holdout_root or data_path)/train/good: inference
+        # calibrates on them; training never sees them.
+        holdout=holdout,
+        holdout_files=(holdout_root_names(args.holdout_root, args.data_path) if args.holdout_root
+                       else holdout_names(args.data_path, holdout, args.seed, strict=args.holdout is not None)),
         # main_infer.py scores checkpoints made under older scoring defaults as they were scored then.
         scoring_version=SCORING_VERSION,
     )
@@ -213,7 +226,7 @@ def build_data(data_path: str, input_size: int, jitter: bool, batch_size: int, n
                pin_memory: bool, rank: int, world_size: int, seed: int, holdout_files: list[str],
                data_on_device: str = "off", device: torch.device = torch.device("cpu"),
                ) -> tuple[JitteredSampler, DataLoader | DeviceBatches]:
-    """Training images (all of train/good but `holdout_files`) and their batches: a DataLoader, or
+    """Training images (all of train/good but the names in `holdout_files`) and their batches: a DataLoader, or
     with `data_on_device` the images resident on `device` (util.device_batches: same batches). The
     sampler shuffles with (seed, epoch), the same on every rank, gives each rank an equal share (so
     DDP ranks run the same number of steps) and draws each image's shift (util.datasets.jitter_offsets)."""
@@ -368,7 +381,8 @@ def calibrate(model: nn.Module, data_path: str, holdout_files: list[str], device
     threshold = calibration["threshold"]
     print(f"calibrated on {len(holdout_files)} held-out images (and {choice.n_defective} synthetic defects on "
           f"them) in {time.perf_counter() - start:.1f}s: {choice.describe()}; image threshold "
-          f"{threshold['image']:.4g}, pixel threshold {threshold['pixel']:.4g}")
+          f"{threshold['image']:.4g}, pixel threshold {threshold['pixel']:.4g}"
+          + (f"\nwarning: {choice.warning}" if choice.warning else ""))
     return calibration
 
 
@@ -404,6 +418,10 @@ def read_resume_checkpoint(path: Path, options: dict[str, Any]) -> dict[str, Any
             return ", ".join(f"{k}={_norm(o.get(k))}" for k in differ)
         raise UserError(f"--resume {path} is for another model ({describe(theirs)}) than this run ({describe(options)}): "
                         f"pass the same --model/--input_size/--lora_* options, or use another --output_dir")
+    if _root(theirs.get("holdout_root")) != _root(options["holdout_root"]):
+        raise UserError(f"--resume {path} calibrates on --holdout_root {theirs.get('holdout_root') or '(none)'}, "
+                        f"this run on {options['holdout_root'] or '(none)'}: pass the same --holdout_root, or "
+                        f"another --output_dir")
     if sorted(theirs.get("holdout_files", [])) != sorted(options["holdout_files"]):
         raise UserError(f"--resume {path} held out other images (--holdout/--seed/data changed): continuing would "
                         f"train on images it calibrates with; pass the same --holdout and --seed, or another --output_dir")
@@ -412,6 +430,10 @@ def read_resume_checkpoint(path: Path, options: dict[str, Any]) -> dict[str, Any
 
 def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _root(path: Optional[str]) -> Optional[Path]:
+    return Path(path).resolve() if path else None
 
 
 # save_atomic writes `.<name>.<random>.tmp` next to <name>, then renames it over <name>.
@@ -520,7 +542,8 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
 
     sampler, loader = build_data(args.data_path, args.input_size, not args.no_jitter, args.batch_size,
                                  args.num_workers, args.pin_mem and device.type == "cuda", info.rank,
-                                 info.world_size, args.seed, options["holdout_files"], args.data_on_device, device)
+                                 info.world_size, args.seed, [] if args.holdout_root else options["holdout_files"],
+                                 args.data_on_device, device)
     resume_path = find_resume(args.resume, options["output_dir"], is_main)
     checkpoint = read_resume_checkpoint(resume_path, options) if resume_path else None
     model = build_model(args.model, args.input_size, args.norm_pix_loss, args.lora_rank, options["lora_alpha"],
@@ -549,9 +572,11 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
         if resume_path is not None and trim_log(out / "log.txt", start_epoch):
             print(f"log.txt: dropped the records of epochs {start_epoch}+ written after {resume_path.name} was saved")
         (out / "args.json").write_text(json.dumps(options, indent=2) + "\n")
-        held = len(options["holdout_files"])
+        n_held = len(options["holdout_files"])
+        held = f"{n_held} held out for calibration" if not args.holdout_root else \
+            f"calibration on the {n_held} images in {Path(args.holdout_root) / 'train' / 'good'}"
         where = "resident on the device" if isinstance(loader, DeviceBatches) else f"{args.num_workers} loader workers"
-        print(f"training {args.model} on {len(loader.dataset)} images ({held} held out for calibration; {where}), "
+        print(f"training {args.model} on {len(loader.dataset)} images ({held}; {where}), "
               f"{info.world_size} process(es) on {device}, amp {options['amp_dtype']}, lr {options['lr']:.3e} "
               f"(effective batch {options['eff_batch_size']}), epochs {start_epoch}..{args.epochs - 1}")
     logger = RunLogger(out, options["log_dir"], enabled=is_main, wandb_name=args.wandb_name, config=options)
@@ -582,7 +607,8 @@ def train(args: argparse.Namespace, info: dist_util.DistInfo, device: torch.devi
             if numbered or last:
                 rng = dist_util.all_gather_objects(rng_state())  # every rank's streams, for an exact resume
                 if is_main:
-                    calibration = calibrate(model, args.data_path, options["holdout_files"], device, amp_dtype,
+                    calibration = calibrate(model, args.holdout_root or args.data_path, options["holdout_files"],
+                                            device, amp_dtype,
                                             args.batch_size, args.seed) if last and options["holdout_files"] else None
                     ckpt = make_checkpoint(model, optimizer, scaler, epoch, options, rng, calibration)
                     if numbered:

@@ -65,8 +65,9 @@ KINDS = ("texture", "object")
 SYNTHETIC_META = ".synthetic_mvtec.json"  # scripts/make_synthetic_mvtec.py's marker, {"kind": ...}
 REFERENCE_FILE = REPO / "docs" / "REFERENCE_RESULTS.md"
 
-# Options each category gets from the runner, not from the command line.
-TRAIN_PER_CATEGORY = ("data_path", "output_dir", "log_dir", "resume", "start_epoch", "seed")
+# Options each category gets from the runner, not from the command line (a --holdout_root holds one
+# category's normal images: passed to every category it would calibrate them all on that one).
+TRAIN_PER_CATEGORY = ("data_path", "output_dir", "log_dir", "resume", "start_epoch", "seed", "holdout_root")
 INFER_PER_CATEGORY = ("checkpoint", "data_path", "images", "output_dir", "split", "save_tiff", "holdout_root",
                       "overwrite")
 # Options that change how a run goes, not what it computes: a rerun may change them.
@@ -520,11 +521,12 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def images_per_epoch(train_options: dict[str, Any]) -> Optional[int]:
     """Images one epoch trains on, over all processes, from main_train's resolved options: the
-    training images (train/good without the held-out ones), each process's share cut to whole
-    batches (a ragged last batch is dropped unless it is the only one). None if unknown."""
+    training images (train/good without the held-out ones; all of it with --holdout_root), each
+    process's share cut to whole batches (a ragged last batch is dropped unless it is the only one).
+    None if unknown."""
     from util.datasets import list_images, train_folder
 
-    held = set(train_options.get("holdout_files") or [])
+    held = set() if train_options.get("holdout_root") else set(train_options.get("holdout_files") or [])
     try:
         count = sum(p.name not in held for p in list_images(train_folder(train_options["data_path"])))
     except (KeyError, UserError):

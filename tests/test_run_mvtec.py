@@ -217,6 +217,7 @@ def test_every_script_option_passes_through_and_parses_with_the_scripts_parsers(
     assert "--num_masks" in parser.format_help() and "%(default)" not in parser.format_help()  # --help works
     parsers = run_mvtec.script_parsers()
     runner_flags = {s for a in parser._actions for s in a.option_strings}
+    assert "--holdout_root" not in runner_flags  # one category's normal images: never passed to every category
     base = tmp_path / "base.pth"
     base.write_bytes(b"checked up front: it must exist")
     for name, per_category in (("train", run_mvtec.TRAIN_PER_CATEGORY), ("infer", run_mvtec.INFER_PER_CATEGORY)):
@@ -407,3 +408,6 @@ def test_images_per_epoch(synthetic_category):
     assert run_mvtec.images_per_epoch({**options, "world_size": 2}) == 6  # 4 each: one batch of 3 each
     assert run_mvtec.images_per_epoch({**options, "batch_size": 16}) == 8  # one ragged batch, kept
     assert run_mvtec.images_per_epoch({**options, "data_path": str(synthetic_category / "nope")}) is None
+    held = {**options, "holdout_files": ["000.png", "001.png"]}
+    assert run_mvtec.images_per_epoch(held) == 6  # 6 images left: two whole batches of 3
+    assert run_mvtec.images_per_epoch({**held, "batch_size": 4, "holdout_root": "elsewhere"}) == 8  # all trained

@@ -219,7 +219,8 @@ def test_cli_errors_are_one_line(tmp_path):
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
     (["--input_size", "100"], "use a multiple of 7, e.g. 98 or 105"),
     (["--lora_targets", "qkv,foo"], "--lora_targets"),
-], ids=["batch_size_0", "accum_iter_0", "epochs_0", "input_size_100", "lora_targets"])
+    (["--holdout", "0.2", "--holdout_root", "elsewhere"], "--holdout 0.2 with --holdout_root"),
+], ids=["batch_size_0", "accum_iter_0", "epochs_0", "input_size_100", "lora_targets", "holdout_and_root"])
 def test_bad_flags_stop_before_reading_data(flags, message, category, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(main_train, "TrainDataset", None)  # reading data would crash the test
     assert cli(["--data_path", str(category), "--output_dir", str(tmp_path), *TINY, *flags]) == 2
@@ -280,6 +281,62 @@ def test_resume_errors(category, tmp_path, capsys):
     assert "model=mae_vit_tiny_patch7" in err and "model=mae_vit_small_patch7" in err
     assert cli([*argv, "--epochs", "1"]) == 0  # already done: nothing to do
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_holdout_root_trains_on_all_of_train_good_and_calibrates_on_the_other_root(category, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import main_infer
+    from scoring import ScoringOptions, holdout_error_maps
+    from scripts.make_synthetic_mvtec import make_category
+
+    other = tmp_path / "elsewhere"  # its train/good has the names 000.png .. 005.png, as the category's has
+    make_category(other, seed=1, size=64, n_train=6, n_test_good=1, n_per_defect=1)
+    seen, original = [], main_train.TrainDataset
+
+    def recording(*args, **kwargs):
+        dataset = original(*args, **kwargs)
+        seen.append(sorted(p.name for p in dataset.paths))
+        return dataset
+
+    monkeypatch.setattr(main_train, "TrainDataset", recording)
+    out = tmp_path / "run"
+    argv = ["--data_path", str(category), "--output_dir", str(out), *TINY[:-2], "--amp", "none", "--epochs", "1",
+            "--save_every", "0", "--holdout_root", str(other)]  # no --holdout: nothing is held out of train/good
+    assert cli(argv) == 0
+    ckpt = load(out / "checkpoint-last.pth")
+    held = sorted(p.name for p in (other / "train" / "good").iterdir())
+    assert seen == [sorted(p.name for p in (category / "train" / "good").iterdir())]  # all 8 train
+    assert ckpt["args"]["holdout_root"] == str(other) and ckpt["args"]["holdout"] == 0.0
+    assert ckpt["args"]["holdout_files"] == ckpt["calibration"]["holdout_files"] == held
+    model, _, _ = main_infer.build_model(str(out / "checkpoint-last.pth"))
+    expected = holdout_error_maps(model, other, held, ScoringOptions(), torch.device("cpu"), None)
+    torch.testing.assert_close(ckpt["calibration"]["maps"]["mse"], expected["mse"], rtol=1e-3, atol=1e-5)
+    same_names = holdout_error_maps(model, category, held, ScoringOptions(), torch.device("cpu"), None)
+    assert not torch.allclose(same_names["mse"], expected["mse"], rtol=1e-3, atol=1e-5)  # the other images
+
+    capsys.readouterr()  # scoring with other views recomputes the held-out maps: from --holdout_root, by default
+    code = run_cli(main_infer.main, main_infer.get_args_parser().parse_args(
+        ["--checkpoint", str(out / "checkpoint-last.pth"), "--data_path", str(category), "--output_dir",
+         str(tmp_path / "eval"), "--mask_pattern", "stripes", "--amp", "none", "--num_workers", "0", "--no_overlays"]))
+    assert code == 0
+    assert f"recomputed on the 6 held-out images in {other / 'train' / 'good'}" in capsys.readouterr().out
+
+    copy = shutil.copytree(other, tmp_path / "copy")  # the same names: only the root tells them apart
+    for changed in (["--holdout_root", str(copy)], []):  # resuming needs the same --holdout_root
+        assert cli([*argv[:-2], *changed, "--epochs", "2", "--resume", "auto"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"calibrates on --holdout_root {other}" in errors[0]
+
+
+def test_too_few_holdout_root_images_is_one_line(category, tmp_path, monkeypatch, capsys):
+    few = tmp_path / "few"
+    shutil.copytree(category / "test" / "good", few / "train" / "good")  # 4 images
+    monkeypatch.setattr(main_train, "build_model", _no_model)
+    assert cli(["--data_path", str(category), "--output_dir", str(tmp_path / "out"), *TINY, "--holdout_root",
+                str(few)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--holdout_root" in err and "needs at least 5" in err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(category, tmp_path, monkeypatch, capsys):

@@ -34,8 +34,8 @@ from util.images import (COMMON_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, PathLik
 # translation: test images are resized to input_size with no crop, so a scale change in training
 # (resize larger, then crop) would teach the model objects larger than any it is tested on.
 JITTER_FRACTION = 0.01
-# Held-out normal images (--holdout > 0): at least this many, so per-pixel statistics and a score
-# quantile of normal images exist even for small categories.
+# Held-out normal images (--holdout > 0, or --holdout_root): at least this many, so per-pixel
+# statistics and a score quantile of normal images exist even for small categories.
 MIN_HOLDOUT = 5
 _PROGRESS_MIN = 50  # show a progress bar when decoding more images than this
 
@@ -195,6 +195,27 @@ def holdout_names(root: PathLike, fraction: float, seed: int, strict: bool = Tru
                         f"add images or pass --holdout 0 (no calibration then)")
     picked = np.random.default_rng(seed).permutation(len(files))[:count]
     return sorted(files[i].name for i in picked)
+
+
+def holdout_root_names(root: PathLike, data_path: PathLike) -> List[str]:
+    """File names of every image in root/train/good (main_train.py --holdout_root: normal images apart
+    from the training images of `data_path`, e.g. another stretch of the same surface), sorted.
+
+    A UserError when the folder is missing, is data_path's own train/good, or holds fewer than
+    MIN_HOLDOUT images.
+    """
+    folder = Path(root) / "train" / "good"
+    if not folder.is_dir():
+        raise UserError(f"--holdout_root {root}: no folder {folder}; pass a category root whose train/good "
+                        f"holds normal images that are not training images")
+    if folder.resolve() == (Path(data_path) / "train" / "good").resolve():
+        raise UserError(f"--holdout_root {root} is --data_path: its images are the training images, which "
+                        f"score lower than new ones; pass another root, or --holdout FRACTION instead")
+    names = [p.name for p in list_images(folder)]
+    if len(names) < MIN_HOLDOUT:
+        raise UserError(f"--holdout_root {root}: {folder} has {len(names)} images; calibration needs at least "
+                        f"{MIN_HOLDOUT} normal images there")
+    return names
 
 
 def holdout_items(root: PathLike, names: Sequence[str]) -> List[TestItem]:
