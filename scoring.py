@@ -8,8 +8,9 @@ A checkpoint's `calibration` entry (a plain dict, weights_only-loadable):
                            the options the maps depend on
     maps                   {error: float32 [n, S, S]}, the per-pixel mse and msgms maps of the held-out
                            images, not smoothed (each level smooths them with its own sigma)
-    choice                 (version 3) the category's recipes chosen from held-out normal images and
-                           synthetic defects on them (util.recipe_choice), with the evidence
+    choice                 (version >= 3) the category's recipes chosen from held-out normal images and
+                           synthetic defects on them (util.recipe_choice), with the evidence (version
+                           4: per defect strength) and a `warning` when the evidence decided nothing
     defaults, threshold    the scoring options main_train.py calibrated for (the choice applied), and
                            their Threshold; main_infer.py scores with `defaults` unless flags override
 Every other statistic (per-pixel mean/std, fusion scales, leave-one-out scores) is derived from the
@@ -27,11 +28,13 @@ from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, TestDataset, holdout_items
 from util.defects import synthetic_defects
-from util.recipe_choice import RecipeChoice, choice_from_dict, choose_recipes
+from util.recipe_choice import (EVIDENCE_STRENGTHS, DefectMaps, RecipeChoice, check_strengths, choice_from_dict,
+                                choose_recipes)
 from util.smoothing import GaussianSmoothing
 
-# 1 (never released) stored smoothed maps; 2 the maps and the global defaults; 3 adds the choice
-CALIBRATION_VERSION = 3
+# 1 (never released) stored smoothed maps; 2 the maps and the global defaults; 3 adds the choice;
+# 4 the choice made from defects at graded strengths (its evidence per strength)
+CALIBRATION_VERSION = 4
 MAP_OPTIONS = ("num_masks", "mask_pattern")  # what the stored held-out maps depend on
 SCORING_VERSION = 3  # main_train.py records it in a checkpoint's args; older checkpoints score as before
 
@@ -66,7 +69,7 @@ LEGACY_OPTIONS = ScoringOptions(mask_pattern="stripes", image_sigma=2.0, image_m
 
 def calibration_matches(calibration: dict[str, Any], options: ScoringOptions, input_size: int) -> bool:
     """Whether the stored held-out maps were made with these view/smoothing options at this size."""
-    return calibration.get("version") in (2, CALIBRATION_VERSION) and int(calibration["input_size"]) == input_size \
+    return calibration.get("version") in (2, 3, CALIBRATION_VERSION) and int(calibration["input_size"]) == input_size \
         and all(calibration[k] == getattr(options, k) for k in MAP_OPTIONS)
 
 
@@ -81,32 +84,36 @@ def holdout_error_maps(model: MaskedAutoencoderViT, data_path: str | Path, names
 
 
 class HoldoutEvidence(NamedTuple):
-    """What the recipe choice is made from: unsmoothed error maps {error: [n|m, S, S]} of the held-out
-    normal images and of synthetic defects pasted on them, each copy's source image and its mask."""
+    """What the recipe choice is made from: unsmoothed error maps {error: [n, S, S]} of the held-out
+    normal images, and those of synthetic defects on them at each strength (util.recipe_choice.DefectMaps)."""
 
     normal: dict[str, torch.Tensor]
-    defective: dict[str, torch.Tensor]
-    source: torch.Tensor  # [m]
-    defect_masks: torch.Tensor  # [m, S, S] bool
+    defective: tuple[DefectMaps, ...]
 
     def choose(self, pixel_sigma: float) -> RecipeChoice:
-        return choose_recipes(self.normal, self.defective, self.source, self.defect_masks, pixel_sigma)
+        return choose_recipes(self.normal, self.defective, pixel_sigma)
 
 
 def holdout_evidence(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
-                     device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8, seed: int = 0
-                     ) -> HoldoutEvidence:
-    """The held-out images' maps and those of synthetic defects on them (util.defect_synthesis), with
-    `options`' views; no test image is read."""
+                     device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8, seed: int = 0,
+                     strengths: tuple[float, ...] = EVIDENCE_STRENGTHS) -> HoldoutEvidence:
+    """The held-out images' maps and those of the same synthetic defects (util.defects) blended into
+    them at each strength, with `options`' views; no test image is read. ValueError for strengths
+    outside (0, 1]."""
+    strengths = check_strengths(strengths)
     dataset = TestDataset(holdout_items(data_path, names), model.img_size)
     scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern).to(device)
     normal = collect_error_maps(scorer, DataLoader(dataset, batch_size=batch_size), device, amp_dtype)
-    defects = synthetic_defects(dataset.images, seed)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    images = (defects.images.float() / 255.0 - mean) / std  # [m, 3, S, S], as TestDataset normalises
-    loader = DataLoader([{"image": img} for img in images], batch_size=batch_size)
-    defective = collect_error_maps(scorer, loader, device, amp_dtype)
-    return HoldoutEvidence(normal, defective, defects.source, defects.masks)
+    defective = []
+    for strength in strengths:
+        defects = synthetic_defects(dataset.images, seed, strength=strength)
+        shown = defects.masks.flatten(1).any(dim=1)  # a defect too faint to change a pixel is no defect
+        images = (defects.images[shown].float() / 255.0 - mean) / std  # [m, 3, S, S], as TestDataset normalises
+        loader = DataLoader([{"image": img} for img in images], batch_size=batch_size)
+        maps = collect_error_maps(scorer, loader, device, amp_dtype)
+        defective.append(DefectMaps(strength, maps, defects.source[shown], defects.masks[shown]))
+    return HoldoutEvidence(normal, tuple(defective))
 
 
 def holdout_choice(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
@@ -142,7 +149,11 @@ def checkpoint_defaults(calibration: Optional[dict[str, Any]], train_args: dict[
     its stored per-category choice; for checkpoints made before the choice, what they were scored
     with then (LEGACY_OPTIONS, or the defaults stored with their calibration)."""
     if calibration is not None and calibration.get("choice"):
-        return options_from(calibration["defaults"]), "chosen for this category from its held-out normal images"
+        source = "chosen for this category from its held-out normal images"
+        if calibration.get("version", 0) < CALIBRATION_VERSION:
+            source += (" (note: from full-strength synthetic defects only, before graded strengths; it is scored "
+                       "as before; retrain for today's choice)")
+        return options_from(calibration["defaults"]), source
     if int(train_args.get("scoring_version", 0)) >= SCORING_VERSION:
         return ScoringOptions(), "the global defaults"
     stored = (calibration or {}).get("defaults")

@@ -1,6 +1,7 @@
-"""The per-category recipe choice: synthetic defects with exact masks, a choice that follows the
-evidence, prefers the original recipe on a tie, reads no test label, is stored in the checkpoint and
-can be overridden; checkpoints made before it score exactly as before."""
+"""The per-category recipe choice: graded evidence that separates candidates where full-strength defects
+saturate, a choice that follows it, prefers the original recipe on a tie, warns when the evidence
+decides nothing, reads no test label, is stored in the checkpoint and can be overridden; checkpoints
+made before it (or before graded evidence) score exactly as before."""
 import json
 import shutil
 
@@ -10,29 +11,13 @@ import torch
 
 import main_infer
 from models_mae import create_model
-from scoring import LEGACY_OPTIONS, ScoringOptions, checkpoint_defaults, holdout_choice
-from util.defects import EVIDENCE_KINDS as DEFECT_KINDS, synthetic_defects
-from util.recipe_choice import PIXEL_MARGIN, TOLERANCE, ImageRecipe, choose_recipes
+from scoring import (CALIBRATION_VERSION, LEGACY_OPTIONS, ScoringOptions, checkpoint_defaults, holdout_choice,
+                     holdout_error_maps, make_calibration)
+from util.defects import EVIDENCE_KINDS
+from util.recipe_choice import (EVIDENCE_STRENGTHS, IMAGE_CANDIDATES, MIN_EVIDENCE, PIXEL_CANDIDATES, PIXEL_MARGIN,
+                                TOLERANCE, DefectMaps, ImageRecipe, check_strengths, choose_recipes)
 
 from test_scoring_cli import INFER, SIZE, _checkpoint, _cli, _rows
-
-
-def _normals(n=6, s=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, s, s), generator=g, dtype=torch.uint8)
-
-
-def test_synthetic_defects_are_deterministic_with_masks_exactly_where_pixels_changed():
-    normals = _normals()
-    a, b = synthetic_defects(normals, seed=3), synthetic_defects(normals, seed=3)
-    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and a.kinds == b.kinds
-    assert not torch.equal(a.images, synthetic_defects(normals, seed=4).images)
-    assert set(a.kinds) == set(DEFECT_KINDS) and a.images.dtype == torch.uint8
-    for img, mask, src in zip(a.images, a.masks, a.source):
-        changed = (img != normals[src]).any(dim=0)
-        assert torch.equal(changed, mask) and mask.any()
-    with pytest.raises(ValueError, match="at least 2"):
-        synthetic_defects(normals[:1])
 
 
 def _maps(n, s, rng, fixed):
@@ -44,58 +29,107 @@ def _maps(n, s, rng, fixed):
     return {"mse": m, "msgms": m.clone()}
 
 
-def _with_bumps(maps, source, rng, s):
-    out = {e: m[source].clone() for e, m in maps.items()}
-    masks = torch.zeros((len(source), s, s), dtype=torch.bool)
-    for i in range(len(source)):
-        y, x = rng.integers(12, s - 6, size=2)
-        for m in out.values():
-            m[i, y:y + 4, x:x + 4] += 1.0  # a defect: weaker than the fixed pattern, far above the noise
-        masks[i, y:y + 4, x:x + 4] = True
-    return out, masks
+def _graded(maps, rng, s, amplitude, size=4, low=12, strengths=EVIDENCE_STRENGTHS, copies=2):
+    """The same square bump defects (size x size, one place per copy, beyond `low` in both axes) at each
+    strength, amplitude x strength high."""
+    n = next(iter(maps.values())).shape[0]
+    source = torch.arange(n).repeat(copies)
+    places = rng.integers(low, s - size - 2, size=(len(source), 2))
+    out = []
+    for strength in strengths:
+        defective = {e: m[source].clone() for e, m in maps.items()}
+        masks = torch.zeros((len(source), s, s), dtype=torch.bool)
+        for i, (y, x) in enumerate(places):
+            for m in defective.values():
+                m[i, y:y + size, x:x + size] += amplitude * strength
+            masks[i, y:y + size, x:x + size] = True
+        out.append(DefectMaps(strength, defective, source, masks))
+    return out
 
 
-@pytest.mark.parametrize("aligned", [True, False])
-def test_the_choice_follows_the_evidence_and_prefers_raw_on_a_tie(aligned):
-    rng, s, n = np.random.default_rng(0), 32, 10
-    normal = _maps(n, s, rng, fixed=aligned)
-    source = torch.arange(n).repeat(2)
-    defective, masks = _with_bumps(normal, source, rng, s)
-    choice = choose_recipes(normal, defective, source, masks, pixel_sigma=0.0)
-    again = choose_recipes(normal, defective, source, masks, pixel_sigma=0.0)
-    assert choice == again  # deterministic
-    assert choice.per_pixel_eligible == aligned  # a fixed pattern makes the maps consistent
-    if aligned:
-        # the raw maximum is the fixed bright part in every image; standardising removes it
-        assert choice.map_consistency > 0.9 and choice.image_evidence["mse max s4"] < 0.75
-        assert choice.image.image_map.endswith("absz") and choice.image_evidence[choice.image.name] > 0.95
-        # a calibrated pixel map leads, but by less than PIXEL_MARGIN: the pixel map stays raw
-        assert 0 < choice.pixel_evidence["mse-absz"] - choice.pixel_evidence["mse"] < PIXEL_MARGIN
-        assert choice.pixel_map == "mse"
-    else:
-        # nothing fixed to remove: per-pixel statistics are not eligible, the original recipe wins the tie
-        assert choice.map_consistency < 0.2 and choice.image == ImageRecipe("mse", 4.0) and choice.pixel_map == "mse"
-        assert "mse-absz" in choice.pixel_evidence  # still measured and reported
+def test_graded_evidence_finds_the_calibrated_recipe_where_every_candidate_saturates_at_full_strength():
+    rng, s, n = np.random.default_rng(0), 64, 10
+    base = rng.random((n, s, s)) * 0.2
+    base[:, 4:24, 4:24] += 3.0  # a large part of the object that always reconstructs badly (> top 5%)
+    normal = {"mse": torch.from_numpy(base).float(), "msgms": torch.from_numpy(base).float()}
+    # at full strength an 8x8 defect outshines the fixed pattern at every smoothing: every candidate finds
+    # it; at 1/4 and below it is fainter, and the raw maps' top pixels are the fixed pattern again
+    graded = _graded(normal, rng, s, amplitude=8.0, size=8, low=30)
+    full = choose_recipes(normal, graded[:1], pixel_sigma=0.0)
+    assert min(full.image_evidence.values()) > 0.99  # saturated: nothing to choose between
+    assert full.image == ImageRecipe("mse", 4.0) and full.warning and "cannot tell them apart" in full.warning
+    choice = choose_recipes(normal, graded, pixel_sigma=0.0)
+    assert choice == choose_recipes(normal, graded, pixel_sigma=0.0)  # deterministic
+    assert choice.warning is None and choice.per_pixel_eligible and choice.map_consistency > 0.9
+    assert choice.image.image_map.endswith("absz")
+    weakest = choice.image_by_strength["0.125"]
+    assert weakest[choice.image.name] > 0.95 and weakest["mse max s4"] < 0.75  # raw mse is fooled when faint
+    assert choice.image_evidence["mse max s4"] < choice.image_evidence[choice.image.name] - TOLERANCE
     best = max(choice.image_evidence.values())
     assert choice.image_evidence[choice.image.name] >= best - TOLERANCE
+    stored = choice.to_dict()
+    assert stored["warning"] is None and stored["evidence"]["strengths"] == list(EVIDENCE_STRENGTHS)
+    for key, values in stored["evidence"]["by_strength"].items():  # the mean is over the stored strengths
+        assert set(values["image_auroc"]) == set(choice.image_evidence)
+    assert stored["evidence"]["image_auroc"]["mse max s4"] == pytest.approx(
+        np.mean([v["image_auroc"]["mse max s4"] for v in stored["evidence"]["by_strength"].values()]))
+
+
+def test_a_texture_keeps_raw_maps_and_the_original_recipe_on_a_tie():
+    rng, s, n = np.random.default_rng(0), 32, 10
+    normal = _maps(n, s, rng, fixed=False)
+    choice = choose_recipes(normal, _graded(normal, rng, s, amplitude=1.0), pixel_sigma=0.0)
+    # nothing fixed to remove: per-pixel statistics are not eligible, the original recipe wins the tie
+    assert choice.map_consistency < 0.2 and not choice.per_pixel_eligible
+    assert not choice.image.image_map.endswith("absz") and choice.pixel_map == "mse"
+    assert "mse-absz" in choice.pixel_evidence  # still measured and reported
+    raw = {c.name for c in IMAGE_CANDIDATES if not c.image_map.endswith("absz")}
+    top = max(v for k, v in choice.image_evidence.items() if k in raw)
+    first = next(k for k, v in choice.image_evidence.items() if k in raw and v >= top - TOLERANCE)
+    assert choice.image.name == first
+
+
+def test_a_warning_when_the_synthetic_defects_are_not_found_and_the_original_method_is_kept():
+    rng, s, n = np.random.default_rng(1), 32, 10
+    normal = _maps(n, s, rng, fixed=False)
+    # defects far fainter than the noise: the best candidate finds them at little better than chance
+    choice = choose_recipes(normal, _graded(normal, rng, s, amplitude=0.02), pixel_sigma=0.0)
+    strongest = choice.image_by_strength["1"]
+    assert max(strongest.values()) < MIN_EVIDENCE
+    assert choice.image == IMAGE_CANDIDATES[0] and choice.pixel_map == PIXEL_CANDIDATES[0]
+    assert "decides nothing" in choice.warning and "\n" not in choice.warning
+    assert choice.to_dict()["warning"] == choice.warning
 
 
 def test_a_calibrated_pixel_map_is_chosen_only_with_a_clear_lead():
     rng, s, n = np.random.default_rng(0), 32, 10
     normal = _maps(n, s, rng, fixed=True)
+    small = choose_recipes(normal, _graded(normal, rng, s, amplitude=1.0), pixel_sigma=0.0)
+    # a calibrated pixel map leads, but by less than PIXEL_MARGIN: the pixel map stays raw
+    assert 0 < small.pixel_evidence["mse-absz"] - small.pixel_evidence["mse"] < PIXEL_MARGIN
+    assert small.pixel_map == "mse"
     for m in normal.values():
         m[:, :10] += 3.0  # a large fixed bright band: the raw map's false alarms cover a third of the image
-    source = torch.arange(n).repeat(2)
-    defective, masks = _with_bumps(normal, source, rng, s)
-    choice = choose_recipes(normal, defective, source, masks, pixel_sigma=0.0)
+    choice = choose_recipes(normal, _graded(normal, rng, s, amplitude=1.0), pixel_sigma=0.0)
     assert choice.pixel_evidence[choice.pixel_map] - choice.pixel_evidence["mse"] >= PIXEL_MARGIN
     assert choice.pixel_map.endswith("absz") and choice.to_dict()["evidence"]["pixel_margin"] == PIXEL_MARGIN
 
 
+def test_evidence_strengths_out_of_range_are_errors():
+    assert check_strengths([0.25, 1, 0.5]) == (1.0, 0.5, 0.25)
+    for bad in ([], [0.0], [1.5], [-0.5], [0.5, 0.5]):
+        with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+            check_strengths(bad)
+
+
 def test_checkpoint_defaults_use_the_stored_choice_and_old_checkpoints_the_old_defaults():
-    stored = {"choice": {"image_map": "mse"}, "defaults": {**ScoringOptions().to_dict(), "image_map": "mse-absz"}}
+    stored = {"version": CALIBRATION_VERSION, "choice": {"image_map": "mse"},
+              "defaults": {**ScoringOptions().to_dict(), "image_map": "mse-absz"}}
     options, source = checkpoint_defaults(stored, {"scoring_version": 3})
-    assert options.image_map == "mse-absz" and "chosen" in source
+    assert options.image_map == "mse-absz" and source == "chosen for this category from its held-out normal images"
+    # a choice made from full-strength defects only (calibration version 3): the same options, with a note
+    old_options, old_source = checkpoint_defaults({**stored, "version": 3}, {"scoring_version": 3})
+    assert old_options == options and "note:" in old_source and "scored as before" in old_source
     assert checkpoint_defaults(None, {"scoring_version": 3}) == (ScoringOptions(), "the global defaults")
     options, source = checkpoint_defaults({"version": 2, "defaults": LEGACY_OPTIONS.to_dict()}, {})
     assert options == LEGACY_OPTIONS and options.mask_pattern == "stripes" and source.startswith("note:")
@@ -116,7 +150,8 @@ def test_the_choice_reads_no_test_label(synthetic_category, tmp_path, one_thread
                for root in (synthetic_category, swapped)]
     (maps_a, choice_a), (maps_b, choice_b) = results
     assert choice_a == choice_b and all(torch.equal(maps_a[e], maps_b[e]) for e in maps_a)
-    assert choice_a.n_normal == 4 and choice_a.n_defective == 4 * len(DEFECT_KINDS)
+    assert choice_a.n_normal == 4 and choice_a.strengths == EVIDENCE_STRENGTHS
+    assert 0 < choice_a.n_defective <= 4 * len(EVIDENCE_KINDS) * len(EVIDENCE_STRENGTHS)
 
 
 @pytest.mark.slow
@@ -125,8 +160,6 @@ def test_a_stored_choice_is_used_recorded_and_overridden_by_flags(synthetic_cate
     ckpt = _checkpoint(tmp_path / "c.pth", names, synthetic_category)
     checkpoint = torch.load(ckpt, weights_only=True)
     model, _, _ = main_infer.build_model(str(ckpt))
-    from scoring import make_calibration
-
     maps, choice = holdout_choice(model, synthetic_category, names, ScoringOptions(), torch.device("cpu"), None)
     checkpoint["calibration"] = make_calibration(maps, names, SIZE, ScoringOptions(), choice)
     checkpoint["args"]["scoring_version"] = 3
@@ -161,6 +194,37 @@ def test_checkpoints_made_before_the_choice_score_exactly_as_before(synthetic_ca
     explicit = ["--mask_pattern", "stripes", "--image_map", "fusion-absz", "--pixel_map", "mse", "--image_sigma", "2"]
     code, _, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category,
                                      "--output_dir", tmp_path / "b", *INFER, *explicit], capsys)
+    assert code == 0, err
+    assert [r["score"] for r in _rows(tmp_path / "a" / "scores.csv")] == \
+        [r["score"] for r in _rows(tmp_path / "b" / "scores.csv")]
+
+
+@pytest.mark.slow
+def test_a_choice_from_before_graded_evidence_scores_exactly_as_before(synthetic_category, tmp_path, capsys,
+                                                                        one_thread):
+    names = sorted(p.name for p in (synthetic_category / "train" / "good").iterdir())[:4]
+    ckpt = _checkpoint(tmp_path / "c.pth", names, synthetic_category)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    model, _, _ = main_infer.build_model(str(ckpt))
+    options = ScoringOptions(image_map="mse-absz", image_sigma=2.0)
+    maps = holdout_error_maps(model, synthetic_category, names, options, torch.device("cpu"), None)
+    old_choice = {"image_map": "mse-absz", "image_sigma": 2.0, "score": "max", "topk_fraction": 0.01,
+                  "pixel_map": "mse", "evidence": {"image_auroc": {"mse max s4": 0.9, "mse-absz max s2": 1.0},
+                                                   "pixel_auroc_aupro_mean": {"mse": 0.8}, "map_consistency": 0.9,
+                                                   "per_pixel_eligible": True, "pixel_margin": 0.15,
+                                                   "n_normal": 4, "n_defective": 12}}
+    checkpoint["calibration"] = {**make_calibration(maps, names, SIZE, options), "version": 3, "choice": old_choice}
+    checkpoint["args"]["scoring_version"] = 3
+    torch.save(checkpoint, ckpt)
+    infer = [a for a in INFER if a not in ("--sigma", "2")]
+    code, stdout, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category,
+                                          "--output_dir", tmp_path / "a", *infer], capsys)
+    assert code == 0, err
+    assert "before graded strengths" in stdout and "calibration: stored in the checkpoint" in stdout
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["scoring"]["choice"] == old_choice
+    explicit = ["--mask_pattern", "grid", "--image_map", "mse-absz", "--image_sigma", "2", "--pixel_map", "mse"]
+    code, _, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category,
+                                     "--output_dir", tmp_path / "b", *infer, *explicit], capsys)
     assert code == 0, err
     assert [r["score"] for r in _rows(tmp_path / "a" / "scores.csv")] == \
         [r["score"] for r in _rows(tmp_path / "b" / "scores.csv")]
