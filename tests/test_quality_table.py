@@ -1,13 +1,20 @@
-"""scripts/quality_table.py: the demo recipe it trains is the Makefile's, and its rows are the
-candidates' metrics on the same checkpoint (the original method's row equals main_infer.py's)."""
+"""scripts/quality_table.py: the demo recipe it trains is the Makefile's, its rows are the
+candidates' metrics on the same checkpoint (the original method's row equals main_infer.py's), its
+cached maps are recomputed when the evidence changes, and it reports the choice's false alarms."""
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import main_infer
 import main_train
 from scripts import quality_table
+from util.calibration import image_scores
+from util.recipe_choice import EVIDENCE_STRENGTHS, ImageRecipe
+from util.smoothing import GaussianSmoothing
 
 from test_scoring_cli import INFER, _checkpoint, _cli
 
@@ -53,6 +60,20 @@ def test_rows_are_the_candidates_on_one_checkpoint(synthetic_category, tmp_path,
     code, _, err = _cli(quality_table, ["--categories", f"cat={synthetic_category}", "--output_dir",
                                         tmp_path / "out", "--no_train"], capsys)
     assert code == 0 and (tmp_path / "out" / "quality.json").read_text() == (tmp_path / "first.json").read_text()
+    # maps made for other evidence (here: other strengths) are recomputed, not re-read
+    stale = torch.load(run / "maps_grid.pt", weights_only=True)
+    stale["key"]["strengths"] = [1.0]
+    stale["defective"] = stale["defective"][:1]
+    torch.save(stale, run / "maps_grid.pt")
+    code, _, err = _cli(quality_table, ["--categories", f"cat={synthetic_category}", "--output_dir",
+                                        tmp_path / "out", "--no_train"], capsys)
+    assert code == 0 and (tmp_path / "out" / "quality.json").read_text() == (tmp_path / "first.json").read_text()
+    assert torch.load(run / "maps_grid.pt", weights_only=True)["key"]["strengths"] == list(EVIDENCE_STRENGTHS)
+    # the choice's evidence per strength and its false alarms are reported
+    evidence = result["choice"]["evidence"]
+    assert list(evidence["by_strength"]) == [f"{s:g}" for s in EVIDENCE_STRENGTHS] and "warning" in result["choice"]
+    alarms = result["false_alarms"]
+    assert 0.0 <= alarms["rate"] <= 1.0 and alarms["promised"] == pytest.approx(0.05) and alarms["n_normal"] == 4
 
 
 def test_kinds_and_the_photo_mean_come_from_the_generators_markers(tmp_path):
@@ -67,9 +88,12 @@ def test_kinds_and_the_photo_mean_come_from_the_generators_markers(tmp_path):
 
     def run(value):
         row = dict.fromkeys(quality_table.METRICS, value)
+        values = {"image_auroc": {"mse max s4": value}, "pixel_auroc_aupro_mean": {"mse": value}}
+        evidence = {"map_consistency": 0.5, "strengths": [1.0, 0.5], **values, "by_strength": {"1": values, "0.5": values}}
         choice = {"image": "mse max s4", "oracle_image": "mse max s4", "pixel": "mse", "held_out_pixel": "mse",
-                  "oracle_pixel": "mse", "evidence": {"map_consistency": 0.5}}
-        return {**{key: row for key, _ in quality_table.ROWS}, "choice": choice}
+                  "oracle_pixel": "mse", "warning": None, "evidence": evidence}
+        alarms = {"rate": 0.1, "promised": 0.05, "n_normal": 20}
+        return {**{key: row for key, _ in quality_table.ROWS}, "choice": choice, "false_alarms": alarms}
 
     table = quality_table.markdown({"scratch": {"grass": run(0.25), "capsule": run(0.75)}},
                                    {"grass": "texture", "capsule": "object"}, ["grass"])
@@ -77,3 +101,61 @@ def test_kinds_and_the_photo_mean_come_from_the_generators_markers(tmp_path):
     assert header.endswith("| mean texture | mean object | mean photo |")
     first = next(line for line in table.splitlines() if line.startswith("| original method"))
     assert first.split(" | ")[-1] == "0.250 / 0.250 / 0.250 |"  # the photo mean: grass only
+
+
+def test_false_alarms_are_the_test_normals_at_or_above_the_learnt_threshold():
+    rng = np.random.default_rng(0)
+    normal = torch.from_numpy(rng.random((8, 16, 16))).float()
+    # test normals: four copies of held-out images and four images far above every held-out one
+    test = torch.cat([normal[:4], normal[:4] + 10.0])
+    maps = {"normal": {"mse": normal, "msgms": normal}, "test": {"mse": test, "msgms": test},
+            "labels": torch.zeros(8, dtype=torch.long)}
+    choice = {"image_map": "mse", "image_sigma": 4.0, "score": "max", "topk_fraction": 0.01, "pixel_map": "mse"}
+    alarms = quality_table.false_alarms(maps, choice)
+    threshold = torch.quantile(image_scores(GaussianSmoothing(4.0)(normal), "max").double(), 0.95)
+    assert alarms["threshold"] == pytest.approx(float(threshold))
+    assert alarms["rate"] == pytest.approx(float((quality_table.scores_of_test_images(maps, ImageRecipe("mse", 4.0))
+                                                  >= alarms["threshold"]).mean()))
+    assert 0.5 <= alarms["rate"] < 1.0 and alarms["n_normal"] == 8 and alarms["promised"] == pytest.approx(0.05)
+
+
+def test_holdout_roots_name_the_held_out_images(tmp_path, capsys):
+    own = {"data_path": str(tmp_path / "cat"), "holdout_files": ["a.png"], "holdout_root": None}
+    assert quality_table.held_out(own, None) == (own["data_path"], ["a.png"])
+    root = tmp_path / "apart"
+    (root / "train" / "good").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (8, 8)).save(root / "train" / "good" / f"{i}.png")
+    assert quality_table.held_out(own, root) == (str(root), [f"{i}.png" for i in range(6)])
+    trained = {**own, "holdout_root": str(root), "holdout_files": ["0.png", "1.png"]}
+    assert quality_table.held_out(trained, None) == (str(root), ["0.png", "1.png"])
+    assert quality_table.held_out(trained, root) == (str(root), ["0.png", "1.png"])
+    code, _, err = _cli(quality_table, ["--categories", f"cat={tmp_path}", "--holdout_roots", f"other={root}",
+                                        "--output_dir", tmp_path / "out"], capsys)
+    assert code == 2 and "--holdout_roots" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_strengths_are_one_line_errors(capsys):
+    for bad in ("0", "1,1.5", "a", ""):
+        code, _, err = _cli(quality_table, ["--categories", "cat=x", "--output_dir", "x", "--strengths", bad], capsys)
+        assert code == 2 and "--strengths" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cached_maps_are_recomputed_when_the_evidence_changes(tmp_path, monkeypatch):
+    run = tmp_path / "prior_cat"
+    run.mkdir()
+    (run / "checkpoint-last.pth").write_bytes(b"weights")
+    args = {"data_path": str(tmp_path / "cat"), "holdout_files": ["a.png"], "seed": 0}
+    monkeypatch.setattr(quality_table, "read_checkpoint", lambda path: {"args": args})
+    computed = []
+
+    def collect(checkpoint, root, holdout, seed, strengths, pattern, device):
+        computed.append(strengths)
+        return {"strengths": list(strengths)}
+
+    monkeypatch.setattr(quality_table, "collect_maps", collect)
+    maps = [quality_table.cached_maps(run, tmp_path / "cat", None, s, "grid", "cpu")
+            for s in ((1.0, 0.5), (1.0, 0.5), (1.0,), (1.0,))]
+    assert computed == [(1.0, 0.5), (1.0,)]  # re-read while the key matches, recomputed when it changes
+    assert [m["strengths"] for m in maps] == [[1.0, 0.5], [1.0, 0.5], [1.0], [1.0]]
+    assert maps[2]["key"]["strengths"] == [1.0] and maps[2]["key"]["kinds"]
