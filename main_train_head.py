@@ -49,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--checkpoint", required=True, help="the MAE checkpoint (main_train.py's checkpoint-last.pth)")
     g.add_argument("--data_path", required=True, help="the category root the MAE was trained on (train/good)")
-    g.add_argument("--output_dir", default=None, help="where checkpoint-head.pth goes (default: the checkpoint's folder)")
+    g.add_argument("--output_dir", default=None,
+                   help="where checkpoint-head.pth goes (default: the checkpoint's folder)")
     g.add_argument("--overwrite", action="store_true", help="replace this script's earlier outputs in --output_dir")
 
     g = p.add_argument_group("head")
@@ -195,8 +196,8 @@ def holdout_eval_set(scorer: AnomalyScorer, images: torch.Tensor, textures: list
     all_images = torch.cat([images, anomalous.images[seen]])
     masks = torch.cat([torch.zeros((n, *images.shape[-2:]), dtype=torch.bool), anomalous.masks[seen]]).numpy()
     kinds = [k for k, s in zip(anomalous.kinds, seen.tolist()) if s]
-    return HeadEvalSet(head_inputs(scorer, all_images, device, amp_dtype), np.r_[np.zeros(n), np.ones(m)].astype(np.int64),
-                       masks, ["good"] * n + kinds)
+    labels = np.r_[np.zeros(n), np.ones(m)].astype(np.int64)
+    return HeadEvalSet(head_inputs(scorer, all_images, device, amp_dtype), labels, masks, ["good"] * n + kinds)
 
 
 def test_eval_set(scorer: AnomalyScorer, data_path: str, input_size: int, device: torch.device,
@@ -281,8 +282,8 @@ def main(args: argparse.Namespace) -> int:
     (out / "head_log.txt").write_text("".join(json.dumps(r) + "\n" for r in result.history))
     (out / "head_args.json").write_text(json.dumps(options, indent=2) + "\n")
     print(f"done in {seconds:.1f}s ({cpu_seconds:.0f} CPU s; {result.samples_simulated} simulated samples through "
-          f"the MAE); weights of step {result.selected_step}: held-out image AUROC {selected['holdout_image_auroc']:.3f}, pixel AUROC "
-          f"{selected['holdout_pixel_auroc']:.3f}, AUPRO {selected['holdout_aupro']:.3f}; {out / OUTPUTS[0]}")
+          f"the MAE); weights of step {result.selected_step}: held-out image AUROC "
+          f"{selected['holdout_image_auroc']:.3f}, pixel AUROC {selected['holdout_pixel_auroc']:.3f}, AUPRO {selected['holdout_aupro']:.3f}; {out / OUTPUTS[0]}")
     return 0
 
 

@@ -47,11 +47,13 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         unknown = [k for k in self.kinds if k not in DEFECT_MAKERS]
         if not self.kinds or unknown:
-            raise ValueError(f"unknown defect kinds {unknown or '(none given)'}; choose from {', '.join(DEFECT_MAKERS)}")
+            raise ValueError(f"unknown defect kinds {unknown or '(none given)'}; "
+                             f"choose from {', '.join(DEFECT_MAKERS)}")
         if not 0.0 <= self.normal_share <= 1.0:
             raise ValueError(f"normal_share must be in [0, 1], got {self.normal_share}")
         if not 0.0 < self.min_strength <= self.max_strength <= 1.0:
-            raise ValueError(f"strengths must satisfy 0 < min <= max <= 1, got {self.min_strength}, {self.max_strength}")
+            raise ValueError(f"strengths must satisfy 0 < min <= max <= 1, "
+                             f"got {self.min_strength}, {self.max_strength}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kinds": list(self.kinds)}
