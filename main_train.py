@@ -28,7 +28,7 @@ from models_mae import MODELS, AnomalyScorer, create_model
 from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibration
 from util import distributed as dist_util
 from util.checkpoint import MODEL_ARG_KEYS, PATCH_EMBED_INITS, load_pretrained, read_checkpoint, state_dict_of
-from util.cli import DefaultsHelpFormatter, UserError, run_cli, warn
+from util.cli import DefaultsHelpFormatter, UserError, check_minimum, comma_subset, run_cli, warn
 from util.datasets import (JitteredSampler, TestDataset, TrainDataset, find_test_items, holdout_names,
                            holdout_root_names)
 from util.device_batches import AUTO_BUDGET_BYTES, DeviceBatches, dataset_bytes
@@ -134,26 +134,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---- options ----------------------------------------------------------------------------------
 def parse_lora_targets(text: str) -> list[str]:
-    targets = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if not targets or unknown:
-        raise UserError(f"--lora_targets {text!r}: choose a comma-separated subset of {','.join(LORA_TARGETS)}")
-    return targets
+    return comma_subset("--lora_targets", text, LORA_TARGETS)
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Cheap checks of the flags, before any data is read or a model is built."""
-    positive = {"--batch_size": args.batch_size, "--accum_iter": args.accum_iter, "--epochs": args.epochs,
-                "--print_freq": args.print_freq, "--input_size": args.input_size}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1")
-    non_negative = {"--num_workers": args.num_workers, "--save_every": args.save_every, "--eval_every": args.eval_every,
-                    "--lora_rank": args.lora_rank, "--start_epoch": args.start_epoch,
-                    "--warmup_epochs": args.warmup_epochs, "--min_lr": args.min_lr, "--weight_decay": args.weight_decay}
-    for flag, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{flag} {value}: must be 0 or more")
+    check_minimum({"--batch_size": args.batch_size, "--accum_iter": args.accum_iter, "--epochs": args.epochs,
+                   "--print_freq": args.print_freq, "--input_size": args.input_size}, 1)
+    check_minimum({"--num_workers": args.num_workers, "--save_every": args.save_every, "--eval_every": args.eval_every,
+                   "--lora_rank": args.lora_rank, "--start_epoch": args.start_epoch,
+                   "--warmup_epochs": args.warmup_epochs, "--min_lr": args.min_lr,
+                   "--weight_decay": args.weight_decay}, 0)
     if args.input_size % PATCH_SIZE:
         lo = max(PATCH_SIZE, args.input_size // PATCH_SIZE * PATCH_SIZE)
         raise UserError(f"--input_size {args.input_size} is not a multiple of the patch size {PATCH_SIZE}: "

@@ -32,7 +32,8 @@ from scoring import ScoringOptions
 from scripts.make_procedural import render
 from util.anomaly_simulation import SimulatedBatch, SimulationConfig, simulate
 from util.checkpoint import read_checkpoint
-from util.cli import DefaultsHelpFormatter, OneLineArgumentParser, UserError, run_cli, warn
+from util.cli import (DefaultsHelpFormatter, OneLineArgumentParser, UserError, check_minimum, comma_subset,
+                      run_cli, warn)
 from util.datasets import TestDataset, TrainDataset, find_test_items, holdout_items
 from util.defects import DEFECT_MAKERS
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device, save_atomic
@@ -103,26 +104,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---- options ----------------------------------------------------------------------------------
 def parse_kinds(text: str) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in DEFECT_MAKERS]
-    if not kinds or unknown:
-        raise UserError(f"--kinds {text!r}: choose a comma-separated subset of {','.join(DEFECT_MAKERS)}")
-    return kinds
+    return tuple(comma_subset("--kinds", text, tuple(DEFECT_MAKERS)))
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Cheap checks of the flags, before anything is read."""
-    positive = {"--steps": args.steps, "--batch_size": args.batch_size, "--fresh_per_step": args.fresh_per_step,
-                "--buffer_size": args.buffer_size, "--select_every": args.select_every,
-                "--holdout_copies": args.holdout_copies, "--num_textures": args.num_textures}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1")
-    for flag, value in {"--warmup_steps": args.warmup_steps, "--eval_every": args.eval_every,
-                        "--weight_decay": args.weight_decay, "--focal_gamma": args.focal_gamma,
-                        "--min_lr": args.min_lr}.items():
-        if value < 0:
-            raise UserError(f"{flag} {value}: must be 0 or more")
+    check_minimum({"--steps": args.steps, "--batch_size": args.batch_size, "--fresh_per_step": args.fresh_per_step,
+                   "--buffer_size": args.buffer_size, "--select_every": args.select_every,
+                   "--holdout_copies": args.holdout_copies, "--num_textures": args.num_textures}, 1)
+    check_minimum({"--warmup_steps": args.warmup_steps, "--eval_every": args.eval_every,
+                   "--weight_decay": args.weight_decay, "--focal_gamma": args.focal_gamma,
+                   "--min_lr": args.min_lr}, 0)
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: must be a positive number")
     if not 0.0 <= args.ema_decay < 1.0:

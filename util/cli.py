@@ -7,7 +7,7 @@ import argparse
 import copy
 import sys
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 
 class UserError(Exception):
@@ -50,6 +50,22 @@ class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatte
         if "default" in text or action.nargs == 0 or action.default in (None, "", argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def comma_subset(flag: str, text: str, choices: Sequence[str]) -> list[str]:
+    """A comma-separated flag value -> its items, each one of `choices`; a one-line UserError otherwise."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or any(t not in choices for t in items):
+        raise UserError(f"{flag} {text!r}: choose a comma-separated subset of {','.join(choices)}")
+    return items
+
+
+def check_minimum(values: dict[str, float], minimum: int) -> None:
+    """A one-line UserError for the first flag {flag: value} below `minimum` (1: counts, 0: amounts)."""
+    bound = "at least 1" if minimum == 1 else f"{minimum} or more"
+    for flag, value in values.items():
+        if value < minimum:
+            raise UserError(f"{flag} {value}: must be {bound}")
 
 
 def warn(msg: str) -> None:
