@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from engine import ScoreCollector, run_inference
 from lora_utils import cast_frozen_weights, import_adapter, is_lora_name, merge_lora
+from models_head import HeadScorer, head_from_entry
 from models_mae import MODELS, AnomalyScorer, MaskedAutoencoderViT, create_model
-from scoring import ScoringOptions, build_scorer as build_calibrated_scorer, calibration_matches, \
-    checkpoint_defaults, holdout_error_maps, options_from
+from scoring import HEAD_MODES, ScoringOptions, build_scorer as build_calibrated_scorer, calibration_matches, \
+    checkpoint_defaults, fit_scoring, head_levels, holdout_error_maps, options_from
 from util.calibration import (MAP_CHOICES, SCORE_METHODS, Threshold, ThresholdCheck, check_false_alarms,
                               normalized_scores, predicted_labels)
 from util.checkpoint import _describe, load_pretrained, model_kwargs_from_args, read_checkpoint, state_dict_of
@@ -119,6 +120,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pixel_quantile", type=float,
                    help="pixel threshold (--save_masks) = this quantile of the held-out normal pixel-map values "
                         f"(default: {d.pixel_quantile:g})")
+    g.add_argument("--head", choices=HEAD_MODES, default="auto",
+                   help="the discriminative head of a checkpoint-head.pth (main_train_head.py): auto = at the levels "
+                        "its held-out evidence chose for this category, on = its maps at both levels, off = "
+                        "reconstruction scoring only (default: auto; checkpoints without a head score as before)")
     g.add_argument("--holdout_root", metavar="ROOT",
                    help="category root holding the checkpoint's held-out images (train/good/<name>), used when the "
                         "checkpoint's stored calibration does not fit the scoring options (default: the checkpoint's "
@@ -216,14 +221,15 @@ def _load_adapter_checkpoint(model: MaskedAutoencoderViT, checkpoint: dict[str, 
              f"initialisation (e.g. {untrained[0]})")
 
 
-def build_model(checkpoint_path: str, pretrained: Optional[str] = None
+def build_model(checkpoint_path: str, pretrained: Optional[str] = None, checkpoint: Optional[dict[str, Any]] = None
                 ) -> tuple[MaskedAutoencoderViT, dict[str, Any], Optional[dict[str, Any]]]:
-    """Rebuild the trained model from a checkpoint: LoRA merged, eval mode, no gradients.
+    """Rebuild the trained model from a checkpoint (the file, or its contents `checkpoint` when already
+    read): LoRA merged, eval mode, no gradients.
 
     Returns (model on the CPU, the checkpoint's training options, its `calibration` entry or None).
     """
     path = str(checkpoint_path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     train_args = checkpoint.get("args")
     if not isinstance(train_args, dict):
         if "adapter" in checkpoint or "model" in checkpoint or all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -281,8 +287,8 @@ def holdout_maps_for(model: MaskedAutoencoderViT, train_args: dict[str, Any], ca
 
 def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout_root: Optional[str] = None,
                  device: torch.device = torch.device("cpu"), amp_dtype: Optional[torch.dtype] = None,
-                 data_path: Optional[str] = None,
-                 **scoring_options: Any) -> tuple[AnomalyScorer, Optional[Threshold], dict[str, Any], dict[str, Any]]:
+                 data_path: Optional[str] = None, head: str = "auto", **scoring_options: Any
+                 ) -> tuple[AnomalyScorer | HeadScorer, Optional[Threshold], dict[str, Any], dict[str, Any]]:
     """The checkpoint's model inside a scorer for the scoring options (ScoringOptions' names; None or
     absent = the checkpoint's own: scoring.checkpoint_defaults), calibrated on its held-out normal
     images (read, when they must be, from holdout_root_for(..., holdout_root, data_path)), and the
@@ -294,10 +300,15 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
     calibrated recipe was asked for explicitly, which is a UserError. Prints where calibration and
     the recipe came from.
     """
-    model, train_args, calibration = build_model(checkpoint_path, pretrained)
+    checkpoint = read_checkpoint(str(checkpoint_path))
+    model, train_args, calibration = build_model(checkpoint_path, pretrained, checkpoint)
     model.to(device)
     defaults, recipe_source = checkpoint_defaults(calibration, train_args)
     options = options_from(scoring_options, defaults)
+    entry = checkpoint.get("head")
+    head_record = resolve_head(entry, head, checkpoint_path, model.img_size)
+    if head_record["pixel"] or head_record["image"]:
+        options = head_views(options, entry, scoring_options, head)
     overridden = sorted(k for k, v in scoring_options.items() if v is not None and v != getattr(defaults, k))
     maps, source = holdout_maps_for(model, train_args, calibration, options, holdout_root, device, amp_dtype,
                                     data_path)
@@ -316,15 +327,58 @@ def load_scoring(checkpoint_path: str, pretrained: Optional[str] = None, holdout
         flags = " ".join(f"--{k} {v}" for k, v in options.to_dict().items() if k not in ("image_quantile", "pixel_quantile"))
         raise UserError(f"{flags} do not fit this model ({model.img_size} px, "
                         f"{model.grid_size}x{model.grid_size} patch grid): {e}") from e
+    if head_record["pixel"] or head_record["image"]:
+        scorer, threshold = with_head(scorer, entry, head_record, options, maps)
     if threshold is not None:
         threshold.source = "holdout"
     choice = (calibration or {}).get("choice")
-    print(f"scoring: image map {options.image_map} ({options.score}, sigma {options.image_sigma:g}), pixel map "
-          f"{options.pixel_map} (sigma {options.sigma:g}), {options.num_masks} {options.mask_pattern} masks: "
-          f"{recipe_source}" + (f"; overridden by flags: {', '.join(overridden)}" if overridden else ""), flush=True)
+    image_text = "the head's" if head_record["image"] else \
+        f"{options.image_map} ({options.score}, sigma {options.image_sigma:g})"
+    pixel_text = "the head's" if head_record["pixel"] else f"{options.pixel_map} (sigma {options.sigma:g})"
+    print(f"scoring: image map {image_text}, pixel map {pixel_text}, {options.num_masks} {options.mask_pattern} "
+          f"masks: {recipe_source}" + (f"; overridden by flags: {', '.join(overridden)}" if overridden else "")
+          + (f"; {head_record['source']}" if head_record["source"] else ""), flush=True)
     record = {"options": options.to_dict(), "source": recipe_source, "overridden_by_flags": overridden,
-              "choice": choice}
+              "choice": choice, "head": head_record}
     return scorer.to(device).eval(), threshold, train_args, record
+
+
+def resolve_head(entry: Optional[dict[str, Any]], mode: str, path: str, input_size: int) -> dict[str, Any]:
+    """Where the checkpoint's head scores under --head `mode` (scoring.head_levels): {"pixel", "image":
+    whether the head gives that level, "source": why}; UserError for a head that cannot serve."""
+    try:
+        head_pixel, head_image, source = head_levels(entry, mode)
+        if head_pixel or head_image:
+            head_from_entry(entry)  # its version and weights, checked before anything slow
+    except ValueError as e:
+        raise UserError(f"--head {mode}: {path}: {e}" + ("; retrain the head with main_train_head.py"
+                                                         if entry is not None else "")) from e
+    if (head_pixel or head_image) and int(entry["input_size"]) != input_size:
+        raise UserError(f"--head {mode}: the head of {path} was trained for {entry['input_size']} px inputs, the "
+                        f"model takes {input_size} px; retrain the head with main_train_head.py")
+    return {"pixel": head_pixel, "image": head_image, "source": source}
+
+
+def head_views(options: ScoringOptions, entry: dict[str, Any], flags: dict[str, Any], mode: str) -> ScoringOptions:
+    """`options` with the views the head was trained on; UserError when flags ask for other views."""
+    views = {k: entry[k] for k in ("num_masks", "mask_pattern")}
+    asked = {k: flags[k] for k in views if flags.get(k) is not None and flags[k] != views[k]}
+    if asked:
+        raise UserError(f"--head {mode}: the head reads maps of {views['num_masks']} {views['mask_pattern']} "
+                        f"masks, not {' '.join(f'--{k} {v}' for k, v in asked.items())}; drop those flags or pass "
+                        f"--head off")
+    return replace(options, **views)
+
+
+def with_head(scorer: AnomalyScorer, entry: dict[str, Any], record: dict[str, Any], options: ScoringOptions,
+              maps: Optional[dict[str, torch.Tensor]]) -> tuple[HeadScorer, Optional[Threshold]]:
+    """The reconstruction scorer with the checkpoint's head at the levels of `record` (resolve_head) and
+    the threshold refitted on the head's held-out maps for those levels (None without held-out maps)."""
+    scorer = HeadScorer(scorer, head_from_entry(entry), int(entry["image_kernel"]), record["pixel"], record["image"])
+    if maps is None:
+        return scorer, None
+    held_out = {level: entry["holdout_maps"][level] for level in ("pixel", "image") if record[level]}
+    return scorer, fit_scoring(maps, options, held_out)[1]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -420,10 +474,10 @@ def save_masks(out: Path, collector: ScoreCollector, pixel_threshold: float) -> 
 
 
 # ---- the pass ---------------------------------------------------------------------------------
-def same_maps(scorer: AnomalyScorer) -> bool:
+def same_maps(scorer: AnomalyScorer | HeadScorer) -> bool:
     """Whether the image-level map (the verdict's) is the pixel-level map: same recipe, same smoothing."""
-    return str(scorer.pixel_level.spec) == str(scorer.image_level.spec) and \
-        scorer.smoothing.sigma == scorer.image_smoothing.sigma
+    pixel_name, image_name = scorer.map_names()
+    return pixel_name == image_name
 
 
 def score_dataset(scorer: AnomalyScorer, loader: DataLoader, device: torch.device,
@@ -484,13 +538,13 @@ def heat_scales(scorer: AnomalyScorer, collector: ScoreCollector, image_maps: Op
     def top(maps: np.ndarray, t: Optional[float]) -> Optional[float]:
         return 2 * t if t is not None and t > 0 else colour_scale(maps)
 
-    pixel_name, image_name = str(scorer.pixel_level.spec), str(scorer.image_level.spec)
+    pixel_name, image_name = scorer.map_names()
     if image_maps is None:  # the same map: one panel, judged by the image threshold
         return Heat(collector.maps, f"map {image_name} (verdict)", top(collector.maps, threshold and threshold.image),
                     threshold and threshold.image), None
-    image = Heat(image_maps, f"image map {image_name}, sigma {scorer.image_smoothing.sigma:g} (verdict)",
+    image = Heat(image_maps, f"image map {image_name} (verdict)",
                  top(image_maps, threshold and threshold.image), threshold and threshold.image)
-    pixel = Heat(collector.maps, f"pixel map {pixel_name}, sigma {scorer.smoothing.sigma:g} (localisation)",
+    pixel = Heat(collector.maps, f"pixel map {pixel_name} (localisation)",
                  top(collector.maps, threshold and threshold.pixel), threshold and threshold.pixel)
     return image, pixel
 
@@ -737,7 +791,8 @@ def main(args: argparse.Namespace) -> int:
     tiff_files = tiff_paths(items, tiff_dir) if tiff_dir is not None else None
     check_output_dir(args.output_dir, args.overwrite)  # before the slow model and data
     scorer, threshold, train_args, scoring_record = load_scoring(
-        args.checkpoint, args.pretrained, args.holdout_root, device, amp_dtype, args.data_path, **scoring_flags(args))
+        args.checkpoint, args.pretrained, args.holdout_root, device, amp_dtype, args.data_path, args.head,
+        **scoring_flags(args))
     if args.save_masks and threshold is None:
         raise UserError("--save_masks needs a pixel threshold, which comes from held-out normal images; this "
                         "checkpoint has none (retrain with --holdout)")
@@ -753,7 +808,7 @@ def main(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.output_dir, args.overwrite, output_names(Path(args.output_dir), tiff_files))
     options = resolved_options(args, device, amp_dtype, train_args, len(dataset))
     used = scoring_record["options"]
-    scoring = {"pixel_map": str(scorer.pixel_level.spec), "image_map": str(scorer.image_level.spec)}
+    scoring = dict(zip(("pixel_map", "image_map"), scorer.map_recipes()), head=scoring_record["head"])
     options.update(used, **scoring, threshold=threshold.to_dict() if threshold else None)
     save_text(out / "args.json", json.dumps(options, indent=2, default=str) + "\n")
 

@@ -26,17 +26,18 @@ import torch
 from engine import HeadEvalSet, head_inputs, head_metrics, train_head
 from lora_utils import cast_frozen_weights
 from main_infer import build_model
-from models_head import HEAD_VERSION, HEADS, create_head, default_image_kernel
+from models_head import HEAD_VERSION, HEADS, HeadScorer, create_head, default_image_kernel
 from models_mae import AnomalyScorer
-from scoring import ScoringOptions
+from scoring import ScoringOptions, head_evidence
 from scripts.make_procedural import render
 from util.anomaly_simulation import SimulatedBatch, SimulationConfig, simulate
 from util.checkpoint import read_checkpoint
 from util.cli import (DefaultsHelpFormatter, OneLineArgumentParser, UserError, check_minimum, comma_subset,
                       run_cli, warn)
 from util.datasets import TestDataset, TrainDataset, find_test_items, holdout_items
-from util.defects import DEFECT_MAKERS
+from util.defects import DEFECT_MAKERS, EVIDENCE_KINDS
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device, save_atomic
+from util.recipe_choice import EVIDENCE_STRENGTHS, HEAD_MARGIN, choose_head
 
 OUTPUTS = ("checkpoint-head.pth", "head_log.txt", "head_args.json")
 HEAD_NUM_MASKS = ScoringOptions.num_masks  # the head reads the maps main_infer.py scores with
@@ -62,8 +63,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: about 8%% of the input size, 9 at 112 px)")
 
     g = p.add_argument_group("simulated anomalies")
-    g.add_argument("--kinds", default=",".join(DEFECT_MAKERS),
-                   help="comma-separated defect kinds of util.defects to simulate")
+    g.add_argument("--kinds", default="texture_paste",
+                   help="comma-separated defect kinds of util.defects to simulate (default: DRAEM's texture pastes "
+                        "only, so the defects the per-category choice judges the head on are all new to it; with "
+                        "any of those kinds the head is used only when asked for, main_infer.py --head on)")
     g.add_argument("--normal_share", default=0.5, type=float, help="share of the samples left normal")
     g.add_argument("--min_strength", default=0.1, type=float, help="lowest opacity of a simulated defect")
     g.add_argument("--max_strength", default=1.0, type=float, help="highest opacity of a simulated defect")
@@ -201,6 +204,26 @@ def test_eval_set(scorer: AnomalyScorer, data_path: str, input_size: int, device
                        [item.defect for item in dataset.items])
 
 
+def choose_levels(scorer: AnomalyScorer, head: torch.nn.Module, image_kernel: int, images: torch.Tensor,
+                  calibration: Optional[dict[str, Any]], seed: int, kinds: tuple[str, ...], device: torch.device,
+                  amp_dtype: Optional[torch.dtype]) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """The head's graded evidence on the held-out images [n, 3, S, S] uint8 and the recipe choice's
+    defects on them (scoring.head_evidence), the per-level choice (util.recipe_choice.choose_head) and
+    the head's held-out maps {"pixel", "image"} (the threshold's source)."""
+    choice = (calibration or {}).get("choice")
+    strengths = tuple((choice or {}).get("evidence", {}).get("strengths") or EVIDENCE_STRENGTHS)
+    head_scorer = HeadScorer(scorer, head, image_kernel).eval()
+    evidence, holdout_maps = head_evidence(head_scorer, images, seed, strengths, device, amp_dtype)
+    seen = sorted(set(kinds) & set(EVIDENCE_KINDS))
+    if seen:
+        levels = {"pixel": False, "image": False, "margin": HEAD_MARGIN, "reconstruction": None,
+                  "reason": f"the head was trained on {', '.join(seen)}, kinds the held-out evidence is made of, so "
+                            f"the evidence cannot judge it; it is used only when asked for (main_infer.py --head on)"}
+    else:
+        levels = choose_head(evidence, choice)
+    return evidence, levels, holdout_maps
+
+
 # ---- main -------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
     validate_args(args)
@@ -250,6 +273,9 @@ def main(args: argparse.Namespace) -> int:
         focal_gamma=args.focal_gamma, image_kernel=image_kernel, select_every=args.select_every, device=device,
         amp_dtype=amp_dtype, seed=args.seed, report_fn=report_fn, report_every=args.eval_every,
         show_progress=sys.stdout.isatty())
+    head.load_state_dict(result.state_dict)
+    evidence, levels, holdout_maps = choose_levels(scorer, head, image_kernel, holdout_images, calibration,
+                                                   int(train_args.get("seed", 0)), config.kinds, device, amp_dtype)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     selected = next(r for r in result.history if r["step"] == result.selected_step)
     options = {**vars(args), "image_kernel": image_kernel, "crop_size": crop_size, "output_dir": str(out)}
@@ -268,6 +294,8 @@ def main(args: argparse.Namespace) -> int:
                       "n_anomalous": int(holdout.labels.sum()),
                       "history": [{k: v for k, v in r.items() if not k.startswith("test_")}
                                   for r in result.history if "holdout_score" in r]},
+        "evidence": evidence, "choice": levels,
+        "holdout_maps": {level: m.float().contiguous() for level, m in holdout_maps.items()},
     }
     out.mkdir(parents=True, exist_ok=True)
     save_atomic({**checkpoint, "head": entry}, out / "checkpoint-head.pth")
@@ -275,7 +303,8 @@ def main(args: argparse.Namespace) -> int:
     (out / "head_args.json").write_text(json.dumps(options, indent=2) + "\n")
     print(f"done in {seconds:.1f}s ({cpu_seconds:.0f} CPU s; {result.samples_simulated} simulated samples through "
           f"the MAE); weights of step {result.selected_step}: held-out image AUROC "
-          f"{selected['holdout_image_auroc']:.3f}, pixel AUROC {selected['holdout_pixel_auroc']:.3f}, AUPRO {selected['holdout_aupro']:.3f}; {out / OUTPUTS[0]}")
+          f"{selected['holdout_image_auroc']:.3f}, pixel AUROC {selected['holdout_pixel_auroc']:.3f}, AUPRO "
+          f"{selected['holdout_aupro']:.3f}; {out / OUTPUTS[0]}\nper-category choice: {levels['reason']}")
     return 0
 
 

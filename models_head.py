@@ -10,9 +10,9 @@ is of the size of the other inputs) and msgms (already in [0, 1]). Output: logit
 sigmoid(logit) is the probability that a pixel is anomalous.
 
 `HeadScorer(scorer, head, image_kernel)` scores images with it and returns what `AnomalyScorer`
-returns (`models_mae.AnomalyOutput`): the pixel map is the head's probability map, the image map the
+returns (`models_mae.AnomalyOutput`): the head's pixel map is its probability map, its image map the
 same map mean-filtered over image_kernel x image_kernel pixels, the score its maximum (DRAEM's image
-score; `head_maps`).
+score; `head_maps`). Either level can stay the reconstruction scorer's (the per-category choice).
 
 Normalisation is GroupNorm: its statistics are per sample, so training (batches of a few images,
 half of them normal) and scoring (any batch) compute the same function. The convolutions run in
@@ -27,6 +27,11 @@ A checkpoint's `head` entry (main_train_head.py; a plain dict, weights_only-load
     training                     the training options, the simulation config, time and counts
     selection                    the held-out evidence the weights were chosen by (each checked step's
                                  metrics on held-out normal images with simulated anomalies on them)
+    evidence, choice             (version 2) the head's graded evidence on the recipe choice's synthetic
+                                 defects and where it replaces the reconstruction recipe
+                                 (util.recipe_choice.choose_head)
+    holdout_maps                 (version 2) {"pixel", "image": float32 [n, S, S]}, the head's maps of
+                                 the held-out normal images: main_infer.py's threshold where it scores
 `head_from_entry(entry)` rebuilds the head from it.
 """
 from typing import Callable
@@ -36,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models_mae import AnomalyOutput, AnomalyScorer
+from util.error_maps import ERRORS
 
-HEAD_VERSION = 1
+HEAD_VERSION = 2  # 2 adds the per-category choice and the held-out maps its threshold comes from
 HEAD_INPUTS = ("mse", "msgms")  # the error maps the head reads, besides the image and the reconstruction
 IN_CHANNELS = 3 + 3 + len(HEAD_INPUTS)
 CHANNELS_PER_GROUP = 8
@@ -162,19 +168,48 @@ def _check_kernel(image_kernel: int) -> None:
 
 
 class HeadScorer(nn.Module):
-    """Scores images with the MAE's reconstruction (the `scorer`'s views: `AnomalyScorer.error_maps`)
-    and the head on top. Returns `AnomalyOutput` with the pixel map, image map and score of
-    `head_maps` (module docstring); decisions (thresholds) are the caller's."""
+    """Scores images with the MAE's reconstruction (`scorer`, an AnomalyScorer whose views the head
+    was trained on) and the head on top: the head gives the pixel-level map (`head_pixel`), the
+    image-level map and score (`head_image`), or both, and `scorer`'s own recipes the other level,
+    all from one reconstruction pass. Returns `AnomalyOutput`; decisions (thresholds) are the caller's."""
 
-    def __init__(self, scorer: AnomalyScorer, head: DiscriminativeHead, image_kernel: int) -> None:
+    def __init__(self, scorer: AnomalyScorer, head: DiscriminativeHead, image_kernel: int,
+                 head_pixel: bool = True, head_image: bool = True) -> None:
         super().__init__()
         _check_kernel(image_kernel)
+        if not (head_pixel or head_image):
+            raise ValueError("a HeadScorer uses the head at one level at least; score with the AnomalyScorer")
         self.scorer = scorer
         self.head = head
         self.image_kernel = image_kernel
+        self.head_pixel = head_pixel
+        self.head_image = head_image
+
+    @property
+    def model(self) -> nn.Module:
+        return self.scorer.model
+
+    def map_recipes(self) -> tuple[str, str]:
+        """(pixel-level, image-level) map recipes: "head" where the head gives the level."""
+        pixel_recipe, image_recipe = self.scorer.map_recipes()
+        return "head" if self.head_pixel else pixel_recipe, "head" if self.head_image else image_recipe
+
+    def map_names(self) -> tuple[str, str]:
+        """(pixel-level, image-level) map names, as reports show them."""
+        pixel_name, image_name = self.scorer.map_names()
+        return ("head" if self.head_pixel else pixel_name,
+                f"head, mean over {self.image_kernel} px" if self.head_image else image_name)
 
     def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
-        maps, reconstructions = self.scorer.error_maps(imgs, HEAD_INPUTS)
+        both = self.head_pixel and self.head_image
+        errors = HEAD_INPUTS if both else tuple(e for e in ERRORS if e in HEAD_INPUTS + self.scorer.errors)
+        maps, reconstructions = self.scorer.error_maps(imgs, errors)
         logits = self.head(imgs, reconstructions, maps)  # [N, 1, H, W]
         anomaly_maps, image_maps, scores = head_maps(logits, self.image_kernel)
+        if not both:
+            own = self.scorer.score_maps(maps, reconstructions)
+            if not self.head_pixel:
+                anomaly_maps = own.anomaly_maps
+            if not self.head_image:
+                image_maps, scores = own.image_maps, own.scores
         return AnomalyOutput(scores, anomaly_maps, reconstructions, image_maps)

@@ -403,10 +403,28 @@ class AnomalyScorer(nn.Module):
                 maps["msgms"] = msgms(reconstructions, imgs, self.pixel_mean, self.pixel_std)
         return maps, reconstructions
 
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """The error maps the two levels' recipes read."""
+        needed = self.pixel_level.spec.errors + self.image_level.spec.errors
+        return tuple(e for e in ERRORS if e in needed)
+
+    def map_recipes(self) -> tuple[str, str]:
+        """(pixel-level, image-level) map recipes, as --pixel_map/--image_map name them."""
+        return str(self.pixel_level.spec), str(self.image_level.spec)
+
+    def map_names(self) -> tuple[str, str]:
+        """(pixel-level, image-level) map names, as reports show them."""
+        return (f"{self.pixel_level.spec}, sigma {self.smoothing.sigma:g}",
+                f"{self.image_level.spec}, sigma {self.image_smoothing.sigma:g}")
+
     def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
+        return self.score_maps(*self.error_maps(imgs, self.errors))
+
+    def score_maps(self, maps: dict[str, torch.Tensor], reconstructions: torch.Tensor) -> AnomalyOutput:
+        """The output for unsmoothed error maps {error: [N, H, W]} (`error_maps`, holding `errors`)."""
         pixel_errors, image_errors = self.pixel_level.spec.errors, self.image_level.spec.errors
-        maps, reconstructions = self.error_maps(imgs, tuple(e for e in ERRORS if e in pixel_errors + image_errors))
-        with torch.autocast(device_type=imgs.device.type, enabled=False):  # smoothing in fp32 too
+        with torch.autocast(device_type=reconstructions.device.type, enabled=False):  # smoothing in fp32 too
             anomaly_maps = self.pixel_level({e: self.smoothing(maps[e]) for e in pixel_errors})
             image_maps = self.image_level({e: self.image_smoothing(maps[e]) for e in image_errors})
             scores = image_scores(image_maps, self.score, self.topk_fraction)

@@ -20,16 +20,19 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from engine import collect_error_maps
+from engine import collect_error_maps, run_inference
+from models_head import HeadScorer
 from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, TestDataset, holdout_items
 from util.defects import synthetic_defects
 from util.recipe_choice import (EVIDENCE_STRENGTHS, DefectMaps, RecipeChoice, check_strengths, choice_from_dict,
-                                choose_recipes)
+                                choose_recipes, image_value, pixel_value)
 from util.smoothing import GaussianSmoothing
 
 # 1 (never released) stored smoothed maps; 2 the maps and the global defaults; 3 adds the choice;
@@ -100,20 +103,77 @@ def holdout_evidence(model: MaskedAutoencoderViT, data_path: str | Path, names: 
     """The held-out images' maps and those of the same synthetic defects (util.defects) blended into
     them at each strength, with `options`' views; no test image is read. ValueError for strengths
     outside (0, 1]."""
-    strengths = check_strengths(strengths)
     dataset = TestDataset(holdout_items(data_path, names), model.img_size)
     scorer = AnomalyScorer(model, options.num_masks, options.mask_pattern).to(device)
     normal = collect_error_maps(scorer, DataLoader(dataset, batch_size=batch_size), device, amp_dtype)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     defective = []
-    for strength in strengths:
-        defects = synthetic_defects(dataset.images, seed, strength=strength)
-        shown = defects.masks.flatten(1).any(dim=1)  # a defect too faint to change a pixel is no defect
-        images = (defects.images[shown].float() / 255.0 - mean) / std  # [m, 3, S, S], as TestDataset normalises
-        loader = DataLoader([{"image": img} for img in images], batch_size=batch_size)
+    for d in evidence_defects(dataset.images, seed, strengths):
+        loader = DataLoader([{"image": img} for img in d.images], batch_size=batch_size)
         maps = collect_error_maps(scorer, loader, device, amp_dtype)
-        defective.append(DefectMaps(strength, maps, defects.source[shown], defects.masks[shown]))
+        defective.append(DefectMaps(d.strength, maps, d.source, d.masks))
     return HoldoutEvidence(normal, tuple(defective))
+
+
+class EvidenceDefects(NamedTuple):
+    """The synthetic defects of one strength: images [m, 3, S, S] normalised as TestDataset's, the
+    normal image each was made from [m] and their masks [m, S, S] bool."""
+
+    strength: float
+    images: torch.Tensor
+    source: torch.Tensor
+    masks: torch.Tensor
+
+
+def evidence_defects(images: torch.Tensor, seed: int, strengths: tuple[float, ...] = EVIDENCE_STRENGTHS
+                     ) -> list[EvidenceDefects]:
+    """The synthetic defects (util.defects, its evidence kinds) blended into held-out images [n, 3, S, S]
+    uint8 at each strength, strongest first; a defect too faint to change a pixel is left out. The
+    recipe choice and the head's choice are made from these same images. ValueError for strengths
+    outside (0, 1]."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    found = []
+    for strength in check_strengths(strengths):
+        defects = synthetic_defects(images, seed, strength=strength)
+        shown = defects.masks.flatten(1).any(dim=1)
+        found.append(EvidenceDefects(strength, (defects.images[shown].float() / 255.0 - mean) / std,
+                                     defects.source[shown], defects.masks[shown]))
+    return found
+
+
+def collect_outputs(scorer: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: Optional[torch.dtype],
+                    batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores [n], pixel-level maps [n, S, S], image-level maps [n, S, S]) of normalised images
+    [n, 3, S, S], float32 on the CPU; `scorer` on `device` in the mode the caller wants."""
+    loader = DataLoader([{"image": img} for img in images], batch_size=batch_size)
+    parts = list(run_inference(scorer, loader, device, amp_dtype, with_reconstructions=False, with_image_maps=True))
+    return (torch.cat([p.scores for p in parts]), torch.cat([p.anomaly_maps for p in parts]),
+            torch.cat([p.image_maps for p in parts]))
+
+
+def head_evidence(scorer: HeadScorer, images: torch.Tensor, seed: int, strengths: tuple[float, ...],
+                  device: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int = 8
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The head's graded evidence on held-out normal images [n, 3, S, S] uint8 and the evidence
+    defects on them (evidence_defects: the recipe choice's images when seed and strengths are its),
+    for util.recipe_choice.choose_head, and the head's maps of the normal images {"pixel", "image":
+    [n, S, S]} (its threshold's source). `scorer` uses the head at both levels."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    normal_scores, normal_pixel, normal_image = collect_outputs(scorer, (images.float() / 255.0 - mean) / std,
+                                                                device, amp_dtype, batch_size)
+    n, by_strength, n_defective = images.shape[0], {}, 0
+    for d in evidence_defects(images, seed, strengths):
+        scores, pixel_maps, _ = collect_outputs(scorer, d.images, device, amp_dtype, batch_size)
+        labels = np.r_[np.zeros(n), np.ones(len(scores))]
+        masks = np.concatenate([np.zeros((n, *d.masks.shape[1:]), bool), d.masks.numpy()])
+        by_strength[f"{d.strength:g}"] = {
+            "image_auroc": image_value(torch.cat([normal_scores, scores]), labels),
+            "pixel_auroc_aupro_mean": pixel_value(torch.cat([normal_pixel, pixel_maps]), masks)}
+        n_defective += len(scores)
+    evidence = {"statistic": "mean over strengths", "strengths": list(check_strengths(strengths)),
+                **{k: float(np.mean([v[k] for v in by_strength.values()]))
+                   for k in ("image_auroc", "pixel_auroc_aupro_mean")},
+                "by_strength": by_strength, "seed": seed, "n_normal": n, "n_defective": n_defective}
+    return evidence, {"pixel": normal_pixel, "image": normal_image}
 
 
 def holdout_choice(model: MaskedAutoencoderViT, data_path: str | Path, names: list[str], options: ScoringOptions,
@@ -162,8 +222,12 @@ def checkpoint_defaults(calibration: Optional[dict[str, Any]], train_args: dict[
             "(stripes masks, fusion-absz image map); retrain, or pass scoring flags, for today's defaults")
 
 
-def fit_scoring(maps: dict[str, torch.Tensor], options: ScoringOptions):
-    """Statistics of both map recipes and the threshold, from held-out maps {error: [n, S, S]}.
+def fit_scoring(maps: dict[str, torch.Tensor], options: ScoringOptions,
+                head_maps: Optional[dict[str, torch.Tensor]] = None):
+    """Statistics of both map recipes and the threshold, from held-out maps {error: [n, S, S]}. Where
+    the head gives a level, `head_maps` holds its maps of the same held-out images ({"pixel" and/or
+    "image": [n, S, S]}, stored with the head) and that level's threshold comes from them (the image
+    score: their maximum).
 
     Returns ((pixel LevelStats, image LevelStats), Threshold).
     """
@@ -172,9 +236,32 @@ def fit_scoring(maps: dict[str, torch.Tensor], options: ScoringOptions):
         raise ValueError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} held-out images, got {n}")
     pixel_stats, pixel_loo = fit_level(smoothed(maps, options.sigma), MapSpec.parse(options.pixel_map))
     image_stats, image_loo = fit_level(smoothed(maps, options.image_sigma), MapSpec.parse(options.image_map))
-    threshold = fit_threshold(image_loo, pixel_loo, options.score, options.topk_fraction,
+    head_maps = head_maps or {}
+    pixel_loo = head_maps.get("pixel", pixel_loo)
+    image_loo, score = (head_maps["image"], "max") if "image" in head_maps else (image_loo, options.score)
+    threshold = fit_threshold(image_loo, pixel_loo, score, options.topk_fraction,
                               options.image_quantile, options.pixel_quantile)
     return (pixel_stats, image_stats), threshold
+
+
+HEAD_MODES = ("auto", "on", "off")
+
+
+def head_levels(entry: Optional[dict[str, Any]], mode: str) -> tuple[bool, bool, str]:
+    """(head gives the pixel level, head gives the image level, why) for main_infer.py --head: `auto`
+    follows the head's stored per-category choice (util.recipe_choice.choose_head), `on` takes the head
+    at both levels, `off` neither. ValueError for `on` without a head."""
+    if mode not in HEAD_MODES:
+        raise ValueError(f"head mode {mode!r}: choose one of {', '.join(HEAD_MODES)}")
+    if entry is None:
+        if mode == "on":
+            raise ValueError("the checkpoint has no discriminative head; train one with main_train_head.py "
+                             "and score its checkpoint-head.pth")
+        return False, False, ""
+    if mode != "auto":
+        return mode == "on", mode == "on", f"head {mode} (--head {mode})"
+    choice = entry.get("choice") or {}
+    return bool(choice.get("pixel")), bool(choice.get("image")), f"head chosen per level: {choice.get('reason')}"
 
 
 def smoothed(maps: dict[str, torch.Tensor], sigma: float) -> dict[str, torch.Tensor]:

@@ -39,7 +39,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from main_infer import load_scoring  # noqa: E402
+from models_head import HeadScorer  # noqa: E402
 from models_mae import AnomalyScorer  # noqa: E402
+from scoring import HEAD_MODES  # noqa: E402
 from util.calibration import Threshold  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -85,6 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "given by hand, and score_normalized is then score / (2 VALUE)")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="base weights for an adapter-file checkpoint (default: the one it names)")
+    parser.add_argument("--head", choices=HEAD_MODES, default="auto",
+                        help="a checkpoint-head.pth's discriminative head, as main_infer.py --head: auto = at the "
+                             "levels chosen for the category, on = both, off = none (default: auto)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -97,7 +102,7 @@ class DeployedScorer(nn.Module):
     the threshold and its low anchor are constants of the graph.
     """
 
-    def __init__(self, scorer: AnomalyScorer, threshold: float, threshold_low: float) -> None:
+    def __init__(self, scorer: AnomalyScorer | HeadScorer, threshold: float, threshold_low: float) -> None:
         super().__init__()
         if not threshold > threshold_low:
             raise ValueError(f"the threshold ({threshold}) must be above its low anchor ({threshold_low})")
@@ -141,11 +146,16 @@ def choose_threshold(calibrated: Optional[Threshold], manual: Optional[float], c
     return ThresholdChoice(calibrated.image, calibrated.image_low, "calibration", calibration)
 
 
-def scoring_options(scorer: AnomalyScorer) -> dict[str, Any]:
-    return {"num_masks": int(scorer.masks.shape[0]), "sigma": scorer.smoothing.sigma,
-            "image_sigma": scorer.image_smoothing.sigma, "score": scorer.score,
-            "topk_fraction": scorer.topk_fraction, "pixel_map": str(scorer.pixel_level.spec),
-            "image_map": str(scorer.image_level.spec)}
+def scoring_options(scorer: AnomalyScorer | HeadScorer) -> dict[str, Any]:
+    """What the graph scores with; with the head, pixel_map/image_map are "head" where it gives the level."""
+    own = scorer.scorer if isinstance(scorer, HeadScorer) else scorer
+    pixel_map, image_map = scorer.map_recipes()
+    options = {"num_masks": int(own.masks.shape[0]), "sigma": own.smoothing.sigma,
+               "image_sigma": own.image_smoothing.sigma, "score": "max" if image_map == "head" else own.score,
+               "topk_fraction": own.topk_fraction, "pixel_map": pixel_map, "image_map": image_map}
+    if isinstance(scorer, HeadScorer):
+        options["head_image_kernel"] = scorer.image_kernel
+    return options
 
 
 def export_metadata(train_args: dict[str, Any], scorer: AnomalyScorer, threshold: ThresholdChoice,
@@ -333,7 +343,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch_size must be at least 1, got {args.batch}")
     require_packages(args.format)
     opset = check_opset(args.opset) if args.format == "onnx" else None
-    scorer, calibrated, train_args, _ = load_scoring(args.checkpoint, args.pretrained)  # fp32, CPU, its defaults
+    scorer, calibrated, train_args, _ = load_scoring(args.checkpoint, args.pretrained,  # fp32, CPU, its defaults
+                                                     head=args.head)
     threshold = choose_threshold(calibrated, args.threshold, args.checkpoint)
     module = DeployedScorer(scorer, threshold.image, threshold.image_low).eval()
     batch = None if args.dynamic_batch else args.batch

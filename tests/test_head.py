@@ -4,6 +4,7 @@ targets), the head module, the training loop's parts, main_train_head.py end to 
 MAE part unchanged) and the scorer that serves it."""
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,14 @@ from engine import (SELECTION_METRICS, HeadInputs, SampleBuffer, ema_average, fo
 from lora_utils import unmerged_state_dict
 from models_head import HeadScorer, create_head, head_from_entry, head_maps
 from models_mae import AnomalyScorer, create_model
+from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibration
 from util.anomaly_simulation import NORMAL_KIND, SimulationConfig, simulate, soft_targets
 from util.cli import run_cli
 
 SIZE = 56
 TRAIN_ARGS = {"model": "mae_vit_tiny_patch7", "input_size": SIZE, "norm_pix_loss": False, "lora_rank": 4,
-              "lora_alpha": None, "lora_dropout": 0.0, "lora_targets": ["qkv", "proj"], "epochs": 1}
+              "lora_alpha": None, "lora_dropout": 0.0, "lora_targets": ["qkv", "proj"], "epochs": 1,
+              "scoring_version": SCORING_VERSION}  # scored with today's global defaults (grid masks)
 # Large, clearly visible defects, so that a few dozen steps on 4 images of 56 px learn something.
 HEAD_ARGS = ["--steps", "60", "--batch_size", "4", "--fresh_per_step", "2", "--select_every", "20",
              "--kinds", "texture_paste,stain", "--min_strength", "0.5", "--num_textures", "8", "--crop_size", "0",
@@ -274,3 +277,137 @@ def test_holdout_evidence_and_metrics_on_a_tiny_model():
     assert (evidence.masks.reshape(len(evidence.labels), -1).any(1) == evidence.labels.astype(bool)).all()
     metrics = head_metrics(create_head("head_unet_tiny").eval(), evidence, 5, torch.device("cpu"), None)
     assert selection_score(metrics) == pytest.approx(np.mean([metrics[k] for k in SELECTION_METRICS]))
+
+
+# ---- the head in main_infer.py and scripts/export.py ----------------------------------------
+def _infer(argv, capsys) -> tuple[int, str, str]:
+    code = run_cli(main_infer.main, main_infer.get_args_parser().parse_args([str(a) for a in argv]))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _scores(out: Path) -> dict[str, float]:
+    rows = (out / "scores.csv").read_text().splitlines()[1:]
+    return {row.split(",")[0]: float(row.split(",")[3]) for row in rows}
+
+
+def _maps(out: Path) -> list[Path]:
+    return sorted((out / "anomaly_maps").rglob("*.npy"))
+
+
+def _with_head_entry(source: Path, target: Path, **changes) -> Path:
+    checkpoint = _load(source)
+    torch.save({**checkpoint, "head": {**checkpoint["head"], **changes}}, target)
+    return target
+
+
+@pytest.mark.slow
+def test_head_on_scores_both_levels_with_the_head_and_its_threshold(head_run, synthetic_category, tmp_path, capsys):
+    out, _ = head_run
+    code, stdout, _ = _infer(["--checkpoint", out / "checkpoint-head.pth", "--data_path", synthetic_category,
+                              "--output_dir", tmp_path, "--head", "on", "--no_overlays", "--amp", "none"], capsys)
+    assert code == 0 and "head on (--head on)" in stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["scoring"]["pixel_map"], metrics["scoring"]["image_map"]) == ("head", "head")
+    assert metrics["scoring"]["head"]["pixel"] and metrics["scoring"]["head"]["image"]
+    entry = _load(out / "checkpoint-head.pth")["head"]
+    model, _, _ = main_infer.build_model(out / "checkpoint-head.pth")
+    scorer = HeadScorer(AnomalyScorer(model, entry["num_masks"], entry["mask_pattern"]), head_from_entry(entry),
+                        entry["image_kernel"]).eval()
+    dataset = main_infer.TestDataset(main_infer.find_test_items(synthetic_category), SIZE)
+    with torch.no_grad():
+        expected = scorer(torch.stack([dataset[i]["image"] for i in range(len(dataset))])).scores
+    scores = _scores(tmp_path)
+    assert np.allclose([scores[item.rel_path] for item in dataset.items], expected.numpy(), rtol=1e-5, atol=1e-7)
+    held_out = entry["holdout_maps"]["image"].flatten(1).amax(1).double()
+    threshold = json.loads((tmp_path / "args.json").read_text())["threshold"]
+    assert threshold["image"] == pytest.approx(float(torch.quantile(held_out, 0.95)))
+
+
+@pytest.mark.slow
+def test_head_levels_follow_the_stored_choice_and_off_scores_as_the_mae(head_run, mae_checkpoint, synthetic_category,
+                                                                        tmp_path, capsys):
+    out, _ = head_run
+    common = ["--data_path", synthetic_category, "--no_overlays", "--amp", "none"]
+    assert _infer(["--checkpoint", mae_checkpoint, "--output_dir", tmp_path / "mae", *common], capsys)[0] == 0
+    head_ckpt = out / "checkpoint-head.pth"
+    assert not _load(head_ckpt)["head"]["choice"]["image"]  # trained on stain: the evidence cannot judge it
+    for mode in ("off", "auto"):
+        assert _infer(["--checkpoint", head_ckpt, "--output_dir", tmp_path / mode, "--head", mode, *common],
+                      capsys)[0] == 0
+        assert _scores(tmp_path / mode) == _scores(tmp_path / "mae")
+        assert all(np.array_equal(np.load(f), np.load(tmp_path / mode / f.relative_to(tmp_path / "mae")))
+                   for f in _maps(tmp_path / "mae"))
+    pixel_only = _with_head_entry(head_ckpt, tmp_path / "pixel-only.pth",
+                                  choice={"pixel": True, "image": False, "reason": "chosen at the pixel level"})
+    code, stdout, _ = _infer(["--checkpoint", pixel_only, "--output_dir", tmp_path / "pixel", *common], capsys)
+    assert code == 0 and "chosen at the pixel level" in stdout
+    metrics = json.loads((tmp_path / "pixel" / "metrics.json").read_text())
+    assert (metrics["scoring"]["pixel_map"], metrics["scoring"]["image_map"]) == ("head", "mse")
+    assert _scores(tmp_path / "pixel") == _scores(tmp_path / "mae")  # the image level is the MAE's
+    changed = [not np.array_equal(np.load(f), np.load(tmp_path / "pixel" / f.relative_to(tmp_path / "mae")))
+               for f in _maps(tmp_path / "mae")]
+    assert changed and all(changed)
+
+
+@pytest.mark.parametrize("case", ["no head", "other size", "other masks", "old entry"])
+def test_head_flags_that_cannot_hold_are_one_line_errors(case, head_run, mae_checkpoint, synthetic_category,
+                                                         tmp_path, capsys):
+    out, _ = head_run
+    head_ckpt, extra = out / "checkpoint-head.pth", []
+    if case == "no head":
+        head_ckpt, expected = mae_checkpoint, "main_train_head.py"
+    elif case == "other size":
+        head_ckpt, expected = _with_head_entry(head_ckpt, tmp_path / "c.pth", input_size=2 * SIZE), "px"
+    elif case == "other masks":
+        extra, expected = ["--mask_pattern", "stripes"], "--head off"
+    else:
+        head_ckpt, expected = _with_head_entry(head_ckpt, tmp_path / "c.pth", version=1), "retrain the head"
+    code, _, err = _infer(["--checkpoint", head_ckpt, "--data_path", synthetic_category, "--output_dir",
+                           tmp_path / "out", "--head", "on", *extra], capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_head_exports_to_onnx_with_parity(head_run, tmp_path, capsys):
+    import onnx
+    from scripts import export
+
+    out, _ = head_run
+    target = tmp_path / "head.onnx"
+    code = run_cli(export.main, export.get_args_parser().parse_args(
+        ["--checkpoint", str(out / "checkpoint-head.pth"), "--output", str(target), "--head", "on"]))
+    assert code == 0 and "parity with PyTorch" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    scoring = json.loads(meta["scoring"])
+    assert (scoring["pixel_map"], scoring["image_map"], scoring["score"]) == ("head", "head", "max")
+
+
+@pytest.mark.slow
+def test_the_head_choice_compares_the_same_evidence_and_reads_no_test_label(synthetic_category, tmp_path):
+    """On a checkpoint with a stored recipe choice: the head's evidence is taken on the choice's own
+    defect images, compared with the chosen recipe's evidence; a copy of the category without its
+    test/ folder gives the same choice."""
+    torch.set_num_threads(1)
+    names = sorted(p.name for p in (synthetic_category / "train" / "good").iterdir())[:4]
+    path = _mae_checkpoint(tmp_path / "checkpoint-last.pth", synthetic_category, names)
+    checkpoint = _load(path)
+    model, _, _ = main_infer.build_model(path)
+    options = ScoringOptions()
+    maps, choice = holdout_choice(model, synthetic_category, names, options, torch.device("cpu"), None)
+    torch.save({**checkpoint, "calibration": make_calibration(maps, names, SIZE, options, choice)}, path)
+    no_test = tmp_path / "no_test"
+    shutil.copytree(synthetic_category, no_test, ignore=shutil.ignore_patterns("test", "ground_truth"))
+    entries = []
+    for root, out in ((synthetic_category, tmp_path / "a"), (no_test, tmp_path / "b")):
+        argv = ["--checkpoint", path, "--data_path", root, "--output_dir", out, "--steps", "20", "--batch_size", "4",
+                "--select_every", "10", "--num_textures", "4", "--crop_size", "0", "--amp", "none"]
+        assert run_cli(main_train_head.main, main_train_head.get_args_parser().parse_args([str(a) for a in argv])) == 0
+        entries.append(_load(out / "checkpoint-head.pth")["head"])
+    assert entries[0]["evidence"] == entries[1]["evidence"] and entries[0]["choice"] == entries[1]["choice"]
+    stored = choice.to_dict()
+    assert entries[0]["evidence"]["strengths"] == stored["evidence"]["strengths"]
+    assert entries[0]["evidence"]["n_defective"] == stored["evidence"]["n_defective"]  # the same defect images
+    assert entries[0]["choice"]["reconstruction"] == {
+        "image": stored["evidence"]["image_auroc"][choice.image.name],
+        "pixel": stored["evidence"]["pixel_auroc_aupro_mean"][choice.pixel_map]}

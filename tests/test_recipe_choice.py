@@ -14,8 +14,9 @@ from models_mae import create_model
 from scoring import (CALIBRATION_VERSION, LEGACY_OPTIONS, ScoringOptions, checkpoint_defaults, holdout_choice,
                      holdout_error_maps, make_calibration)
 from util.defects import EVIDENCE_KINDS
-from util.recipe_choice import (EVIDENCE_STRENGTHS, IMAGE_CANDIDATES, PIXEL_CANDIDATES, PIXEL_MARGIN, TOLERANCE,
-                                DefectMaps, ImageRecipe, chance_level, check_strengths, choose_recipes)
+from util.recipe_choice import (EVIDENCE_STRENGTHS, HEAD_MARGIN, IMAGE_CANDIDATES, PIXEL_CANDIDATES, PIXEL_MARGIN,
+                                TOLERANCE, DefectMaps, ImageRecipe, chance_level, check_strengths, choose_head,
+                                choose_recipes)
 
 from test_scoring_cli import INFER, SIZE, _checkpoint, _cli, _rows
 
@@ -127,6 +128,41 @@ def test_evidence_strengths_out_of_range_are_errors():
     for bad in ([], [0.0], [1.5], [-0.5], [0.5, 0.5]):
         with pytest.raises(ValueError, match="in \\(0, 1\\]"):
             check_strengths(bad)
+
+
+def _head_evidence(image, pixel, full_strength_image=None, n_normal=8, per_strength=56):
+    by_strength = {f"{s:g}": {"image_auroc": image, "pixel_auroc_aupro_mean": pixel} for s in EVIDENCE_STRENGTHS}
+    if full_strength_image is not None:
+        by_strength["1"]["image_auroc"] = full_strength_image
+    return {"image_auroc": image, "pixel_auroc_aupro_mean": pixel, "by_strength": by_strength,
+            "n_normal": n_normal, "n_defective": per_strength * len(EVIDENCE_STRENGTHS)}
+
+
+def _stored_choice(image, pixel):
+    """A RecipeChoice.to_dict() whose chosen recipes (mse max s4, pixel mse) have this evidence."""
+    other = {"image_auroc": {ImageRecipe("mse", 4.0).name: image, ImageRecipe("mse", 2.0).name: 0.99},
+             "pixel_auroc_aupro_mean": {"mse": pixel, "fusion": 0.99}}
+    return {"image_map": "mse", "image_sigma": 4.0, "score": "max", "topk_fraction": 0.01, "pixel_map": "mse",
+            "evidence": {"strengths": list(EVIDENCE_STRENGTHS), "by_strength": {}, **other}}
+
+
+@pytest.mark.parametrize("head_image, head_pixel, full, expected", [
+    (0.80, 0.80, None, (True, True)),  # leads both levels by more than the margin
+    (0.70 + HEAD_MARGIN - 0.005, 0.60 + HEAD_MARGIN, None, (False, True)),  # image lead short of the margin
+    (0.90, 0.50, 0.55, (False, False)),  # the image lead comes from faint defects, full strength is chance
+])
+def test_the_head_takes_a_level_only_when_it_clearly_leads_the_chosen_recipe(head_image, head_pixel, full, expected):
+    decision = choose_head(_head_evidence(head_image, head_pixel, full), _stored_choice(0.70, 0.60))
+    assert (decision["image"], decision["pixel"]) == expected
+    assert decision["reconstruction"] == {"image": 0.70, "pixel": 0.60}  # the chosen recipes', not the best ones
+    assert "0.700" in decision["reason"] and "mse max s4" in decision["reason"]
+
+
+def test_no_head_without_graded_evidence_to_compare_it_with():
+    old = {**_stored_choice(0.5, 0.5), "evidence": {"image_auroc": {}, "pixel_auroc_aupro_mean": {}}}
+    for stored in (None, old):
+        decision = choose_head(_head_evidence(0.99, 0.99), stored)
+        assert not decision["image"] and not decision["pixel"] and "--head on" in decision["reason"]
 
 
 def test_checkpoint_defaults_use_the_stored_choice_and_old_checkpoints_the_old_defaults():

@@ -64,6 +64,7 @@ TOLERANCE = 0.01  # differences below this on ~20 held-out images are noise
 MIN_CONSISTENCY = 0.5  # measured: photo textures 0.01-0.09, aligned photo subjects and the capsule 0.96-0.99
 PIXEL_MARGIN = 0.15  # between the capsule's misleading lead (0.12) and the page's right one (0.17)
 MIN_EVIDENCE_SD = 2.0  # how many null standard deviations above 0.5 the best full-strength AUROC must be
+HEAD_MARGIN = 0.05  # how much the head's evidence must lead the chosen recipe's: it is learnt, the recipes are not
 
 
 @dataclass(frozen=True)
@@ -245,10 +246,9 @@ def choose_recipes(normal: dict[str, torch.Tensor], defective: Sequence[DefectMa
                                                                       loo, d.source)])  # [n + m, S, S]
                 for c in image_candidates:
                     if (c.image_sigma, c.image_map) == (sigma, r):
-                        scores = image_scores(maps, c.score, c.topk_fraction).numpy()
-                        image_values[key, c.name] = auroc(scores, labels)
+                        image_values[key, c.name] = image_value(image_scores(maps, c.score, c.topk_fraction), labels)
                 if sigma == pixel_sigma and r in pixel_candidates:
-                    pixel_values[key, r] = (pixel_auroc(maps.numpy(), masks) + aupro(maps.numpy(), masks)) / 2
+                    pixel_values[key, r] = pixel_value(maps, masks)
     image_by_strength = {k: {c.name: image_values[k, c.name] for c in image_candidates} for k in keys}
     pixel_by_strength = {k: {r: pixel_values[k, r] for r in pixel_candidates} for k in keys}
     image_evidence = {c.name: float(np.mean([image_by_strength[k][c.name] for k in keys])) for c in image_candidates}
@@ -271,6 +271,46 @@ def choose_recipes(normal: dict[str, torch.Tensor], defective: Sequence[DefectMa
     return RecipeChoice(image, pixel_map, tuple(d.strength for d in defective), image_evidence, pixel_evidence,
                         image_by_strength, pixel_by_strength, consistency, allowed, n,
                         sum(d.source.numel() for d in defective), level, warning)
+
+
+def image_value(scores: torch.Tensor, labels: np.ndarray) -> float:
+    """The image-level evidence at one strength: AUROC of the scores [n + m], normals (0) against defects (1)."""
+    return auroc(scores.numpy(), labels)
+
+
+def pixel_value(maps: torch.Tensor, masks: np.ndarray) -> float:
+    """The pixel-level evidence at one strength: the mean of pixel AUROC and AUPRO of maps [n + m, S, S]."""
+    maps = maps.numpy()
+    return (pixel_auroc(maps, masks) + aupro(maps, masks)) / 2
+
+
+def choose_head(head: dict[str, Any], choice: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Where the discriminative head (models_head) replaces the reconstruction recipe, from the same
+    evidence: `head` holds its graded evidence ({"image_auroc", "pixel_auroc_aupro_mean": mean over
+    the strengths, "by_strength", "n_normal", "n_defective"}, on the very defect images the stored
+    `choice` (RecipeChoice.to_dict) was made from). A level takes the head when its evidence leads
+    the chosen recipe's by HEAD_MARGIN; the image level also needs the head's full-strength AUROC to
+    pass chance_level. No stored choice (a checkpoint older than the graded evidence): no head.
+
+    Returns {"pixel": bool, "image": bool, "margin", "reconstruction": {level: evidence}, "reason"}.
+    """
+    decision = {"pixel": False, "image": False, "margin": HEAD_MARGIN, "reconstruction": None}
+    evidence = (choice or {}).get("evidence") or {}
+    if "by_strength" not in evidence:
+        return {**decision, "reason": "the checkpoint has no graded evidence to compare the head with (made "
+                                      "before it); the head is used only when asked for (main_infer.py --head on)"}
+    image_name = ImageRecipe(choice["image_map"], choice["image_sigma"], choice["score"], choice["topk_fraction"]).name
+    recon = {"image": evidence["image_auroc"][image_name], "pixel": evidence["pixel_auroc_aupro_mean"][choice["pixel_map"]]}
+    strongest = f"{max(evidence['strengths']):g}"
+    level = chance_level(head["n_normal"], head["n_defective"] // len(evidence["strengths"]))
+    ours = {"image": head["image_auroc"], "pixel": head["pixel_auroc_aupro_mean"]}
+    decision.update(reconstruction=recon, image=ours["image"] >= recon["image"] + HEAD_MARGIN and
+                    head["by_strength"][strongest]["image_auroc"] >= level,
+                    pixel=ours["pixel"] >= recon["pixel"] + HEAD_MARGIN)
+    names = {"image": f"image score {image_name}", "pixel": f"pixel map {choice['pixel_map']}"}
+    parts = [f"{lvl} level {'head' if decision[lvl] else 'reconstruction'} (held-out evidence {ours[lvl]:.3f} "
+             f"against {recon[lvl]:.3f} for {names[lvl]})" for lvl in ("image", "pixel")]
+    return {**decision, "reason": "; ".join(parts)}
 
 
 def choice_from_dict(d: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
