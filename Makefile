@@ -14,6 +14,9 @@ OUT        ?= demo_output
 MODEL      ?= mae_vit_tiny_patch7
 MASK_RATIO ?= 0.25
 DEVICE     ?= auto
+# HEAD=1 also trains the discriminative head on the finished MAE (main_train_head.py) and scores with it
+# where the held-out evidence chose it; HEAD=0 skips it.
+HEAD       ?= 1
 ifeq ($(RECIPE),gpu)
 # The GPU recipe (docs/GPU.md): 224 px, 4x the batch, 10x the epochs; the images stay on the GPU.
 INPUT_SIZE ?= 224
@@ -21,6 +24,8 @@ EPOCHS     ?= 500
 BATCH_SIZE ?= 32
 LR         ?= 3e-3
 WARMUP     ?= 20
+HEAD_STEPS ?= 1500
+HEAD_BATCH ?= 16
 else
 # The CPU recipe.
 INPUT_SIZE ?= 112
@@ -28,6 +33,8 @@ EPOCHS     ?= 50
 BATCH_SIZE ?= 8
 LR         ?= 1.5e-3
 WARMUP     ?= 4
+HEAD_STEPS ?= 300
+HEAD_BATCH ?= 8
 endif
 # Prints gpu or cpu: what RECIPE=auto takes.
 CUDA_CHECK ?= $(BIN)/python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')"
@@ -65,7 +72,8 @@ demo: $(VENV)/.installed
 	@$(MAKE) --no-print-directory demo-run RECIPE=$(if $(filter auto,$(RECIPE)),$(AUTO_RECIPE),$(RECIPE))
 
 demo-run:
-	@echo "make demo: the $(RECIPE) recipe ($(MODEL), $(INPUT_SIZE) px, batch $(BATCH_SIZE), $(EPOCHS) epochs)"
+	@echo "make demo: the $(RECIPE) recipe ($(MODEL), $(INPUT_SIZE) px, batch $(BATCH_SIZE), $(EPOCHS) epochs$(if \
+	$(filter 1,$(HEAD)),; head $(HEAD_STEPS) steps,))"
 ifeq ($(DATA),)
 	$(BIN)/python scripts/make_synthetic_mvtec.py --dst $(OUT)/data --kind capsule --seed 0
 	$(BIN)/python scripts/prepare_mvtec.py --src $(OUT)/data/capsule_synth --dst $(DEMO_DATA) --overwrite
@@ -76,8 +84,12 @@ endif
 	    --input_size $(INPUT_SIZE) --epochs $(EPOCHS) --batch_size $(BATCH_SIZE) --lr $(LR) \
 	    --warmup_epochs $(WARMUP) --train_mask_ratio $(MASK_RATIO) --save_every 0 --num_workers 0 \
 	    --print_freq 100 --device $(DEVICE) $(if $(PRETRAINED),--pretrained $(PRETRAINED),)
-	$(BIN)/python main_infer.py --checkpoint $(OUT)/train/checkpoint-last.pth --data_path $(DEMO_DATA) \
-	    --output_dir $(OUT)/eval --overwrite --device $(DEVICE)
+ifeq ($(HEAD),1)
+	$(BIN)/python main_train_head.py --checkpoint $(OUT)/train/checkpoint-last.pth --data_path $(DEMO_DATA) \
+	    --steps $(HEAD_STEPS) --batch_size $(HEAD_BATCH) --overwrite --device $(DEVICE)
+endif
+	$(BIN)/python main_infer.py --checkpoint $(OUT)/train/$(if $(filter 1,$(HEAD)),checkpoint-head.pth,checkpoint-last.pth) \
+	    --data_path $(DEMO_DATA) --output_dir $(OUT)/eval --overwrite --device $(DEVICE)
 
 clean-demo:
 	rm -rf $(OUT)

@@ -29,7 +29,7 @@ from engine import collect_error_maps, run_inference
 from models_head import HeadScorer
 from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, TestDataset, holdout_items
+from util.datasets import TestDataset, holdout_items, normalise
 from util.defects import synthetic_defects
 from util.recipe_choice import (EVIDENCE_STRENGTHS, DefectMaps, RecipeChoice, check_strengths, choice_from_dict,
                                 choose_recipes, image_value, pixel_value)
@@ -130,13 +130,12 @@ def evidence_defects(images: torch.Tensor, seed: int, strengths: tuple[float, ..
     uint8 at each strength, strongest first; a defect too faint to change a pixel is left out. The
     recipe choice and the head's choice are made from these same images. ValueError for strengths
     outside (0, 1]."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     found = []
     for strength in check_strengths(strengths):
         defects = synthetic_defects(images, seed, strength=strength)
         shown = defects.masks.flatten(1).any(dim=1)
-        found.append(EvidenceDefects(strength, (defects.images[shown].float() / 255.0 - mean) / std,
-                                     defects.source[shown], defects.masks[shown]))
+        found.append(EvidenceDefects(strength, normalise(defects.images[shown]), defects.source[shown],
+                                     defects.masks[shown]))
     return found
 
 
@@ -157,9 +156,8 @@ def head_evidence(scorer: HeadScorer, images: torch.Tensor, seed: int, strengths
     defects on them (evidence_defects: the recipe choice's images when seed and strengths are its),
     for util.recipe_choice.choose_head, and the head's maps of the normal images {"pixel", "image":
     [n, S, S]} (its threshold's source). `scorer` uses the head at both levels."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    normal_scores, normal_pixel, normal_image = collect_outputs(scorer, (images.float() / 255.0 - mean) / std,
-                                                                device, amp_dtype, batch_size)
+    normal_scores, normal_pixel, normal_image = collect_outputs(scorer, normalise(images), device, amp_dtype,
+                                                                batch_size)
     n, by_strength, n_defective = images.shape[0], {}, 0
     for d in evidence_defects(images, seed, strengths):
         scores, pixel_maps, _ = collect_outputs(scorer, d.images, device, amp_dtype, batch_size)

@@ -43,13 +43,15 @@ sys.path.insert(0, str(REPO))
 
 from engine import collect_error_maps  # noqa: E402
 from main_infer import build_model  # noqa: E402
+from models_head import HeadScorer, head_from_entry  # noqa: E402
 from models_mae import AnomalyScorer  # noqa: E402
-from scoring import HoldoutEvidence, ScoringOptions, apply_choice, fit_scoring, holdout_evidence, smoothed  # noqa: E402
+from scoring import (HoldoutEvidence, ScoringOptions, apply_choice, collect_outputs, fit_scoring,  # noqa: E402
+                     holdout_evidence, smoothed)
 from util import defects  # noqa: E402
 from util.calibration import MapSpec, fit_level, image_scores, level_map  # noqa: E402
 from util.checkpoint import read_checkpoint  # noqa: E402
 from util.cli import OneLineArgumentParser, UserError, run_cli  # noqa: E402
-from util.datasets import TestDataset, find_test_items, holdout_root_names  # noqa: E402
+from util.datasets import TestDataset, find_test_items, holdout_root_names, normalise  # noqa: E402
 from util.metrics import aupro, auroc, pixel_auroc  # noqa: E402
 from util.recipe_choice import (EVIDENCE_STRENGTHS, IMAGE_CANDIDATES, ORIGINAL_IMAGE, PIXEL_CANDIDATES,  # noqa: E402
                                 TOLERANCE, DefectMaps, ImageRecipe, check_strengths,
@@ -61,6 +63,7 @@ DEMO_RECIPE = {"model": "mae_vit_tiny_patch7", "input_size": 112, "epochs": 50, 
 PATTERNS = ("stripes", "grid")
 PREVIOUS_IMAGE = ImageRecipe("fusion-absz", 2.0)
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+HEAD_EVAL_EVERY = 25  # test metrics of the head every N steps, for its spread only (never for its weights)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,6 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(every image of ROOT/train/good held out) and its evidence reads them there")
     p.add_argument("--strengths", default=",".join(f"{v:g}" for v in EVIDENCE_STRENGTHS),
                    help="comma-separated defect strengths of the held-out evidence, each in (0, 1]")
+    p.add_argument("--head", action="store_true",
+                   help="also train the discriminative head on each run (main_train_head.py with its defaults and "
+                        f"--eval_every {HEAD_EVAL_EVERY} for the step-to-step spread; skipped where "
+                        "checkpoint-head.pth exists) and add its rows")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -225,6 +232,61 @@ def score_run(by_pattern: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def train_head(run_dir: Path, root: Path) -> None:
+    """main_train_head.py with its defaults on the run's checkpoint (a subprocess, so a failure names its log)."""
+    cmd = [sys.executable, str(REPO / "main_train_head.py"), "--checkpoint", str(run_dir / "checkpoint-last.pth"),
+           "--data_path", str(root), "--eval_every", str(HEAD_EVAL_EVERY), "--device", "cpu", "--overwrite"]
+    with open(run_dir.with_name(run_dir.name + "_head.log"), "w") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise UserError(f"head training failed; see {log.name}")
+
+
+def spread(history: list[dict[str, Any]], key: str) -> float:
+    """max - min of `key` over the reports in the last quarter of the head's training steps."""
+    last = max(r["step"] for r in history)
+    values = [r[key] for r in history if key in r and r["step"] > 0.75 * last]
+    return float(max(values) - min(values)) if values else float("nan")
+
+
+def score_head(run_dir: Path, root: Path, run: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The head's test metrics at both levels, the per-level choice stored with it (and the test labels'
+    choice between the head and the recipe `run` chose, per level), its spread over the last quarter of
+    training, and the test normals' false alarms at its threshold where it gives the image level."""
+    path = run_dir / "checkpoint-head.pth"
+    if not path.is_file():
+        print(f"training the head of {run_dir.name}", flush=True)
+        train_head(run_dir, root)
+    checkpoint = read_checkpoint(path)
+    entry = checkpoint["head"]
+    model, _, calibration = build_model(str(path), checkpoint=checkpoint)
+    own = AnomalyScorer(model, entry["num_masks"], entry["mask_pattern"])
+    scorer = HeadScorer(own, head_from_entry(entry), int(entry["image_kernel"])).to(device).eval()
+    dataset = TestDataset(find_test_items(root), model.img_size)
+    scores, anomaly_maps, _ = collect_outputs(scorer, normalise(dataset.images), device, None)
+    labels, masks = np.array([it.label for it in dataset.items]), dataset.masks.numpy()
+    head = dict(zip(METRICS, (auroc(scores.numpy(), labels), pixel_auroc(anomaly_maps.numpy(), masks),
+                              aupro(anomaly_maps.numpy(), masks))))
+    choice, recon = entry["choice"], run["auto"]
+    chosen = {"image_auroc": head["image_auroc"] if choice["image"] else recon["image_auroc"],
+              **{k: head[k] if choice["pixel"] else recon[k] for k in METRICS[1:]}}
+    oracle = {"image": head["image_auroc"] > recon["image_auroc"],
+              "pixel": head["pixel_auroc"] + head["aupro"] > recon["pixel_auroc"] + recon["aupro"]}
+    best = {"image_auroc": max(head["image_auroc"], recon["image_auroc"]),
+            **{k: head[k] if oracle["pixel"] else recon[k] for k in METRICS[1:]}}
+    history = [json.loads(line) for line in (run_dir / "head_log.txt").read_text().splitlines()]
+    result = {"head": head, "chosen": chosen, "oracle": best, "choice": {k: choice[k] for k in ("image", "pixel")},
+              "oracle_choice": oracle, "reason": choice["reason"], "evidence": entry["evidence"],
+              "spread": {k: spread(history, f"test_{k}") for k in METRICS},
+              "train_seconds": entry["training"]["seconds"], "steps": entry["training"]["options"]["steps"]}
+    if choice["image"]:
+        options = apply_choice(ScoringOptions(), calibration["choice"])
+        _, threshold = fit_scoring(calibration["maps"], options, {"image": entry["holdout_maps"]["image"]})
+        normals = scores.numpy()[labels == 0]
+        result["false_alarms"] = {"rate": float(np.mean(normals >= threshold.image)), "n_normal": int(normals.size),
+                                  "promised": 1.0 - options.image_quantile}
+    return result
+
+
 ROWS = (("original", "original method (stripes, raw mse max)"), ("previous", "previous defaults (stripes, "
         "fusion-absz image map)"), ("grid_raw_mse", "grid masks, raw mse"), ("auto", "grid + per-category choice"),
         ("held_out_pixel", "as above, pixel map chosen without the margin (not used)"),
@@ -269,6 +331,7 @@ def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str], photos: 
                          f"({ch['held_out_pixel']}; {ch['oracle_pixel']}) | {cost} | "
                          f"{ch['evidence']['map_consistency']:.2f} | {fa['rate']:.2f} of {fa['n_normal']} "
                          f"({fa['promised']:.2f}) |")
+        lines += head_markdown(runs, kinds)
         strengths = "/".join(f"{s:g}" for s in next(iter(runs.values()))["choice"]["evidence"]["strengths"])
         lines += ["", f"Held-out evidence at strengths {strengths} (mean): image AUROC, pixel (AUROC + AUPRO) / 2", "",
                   "| category | image: original | image: chosen | image: test labels' choice | pixel: mse | "
@@ -283,6 +346,30 @@ def markdown(results: dict[str, dict[str, Any]], kinds: dict[str, str], photos: 
                          f"{by_strength(ev, 'pixel_auroc_aupro_mean', ch['held_out_pixel'])} | {ch['warning'] or ''} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def head_markdown(runs: dict[str, dict[str, Any]], kinds: dict[str, str]) -> list[str]:
+    """The head's rows: alone, the per-level choice with it against the test labels' choice, the
+    held-out evidence it was chosen on, its spread, false alarms and training time."""
+    cats = [c for c in runs if "head" in runs[c]]
+    if not cats:
+        return []
+    lines = ["", "Discriminative head (image AUROC / pixel AUROC / AUPRO)", "",
+             "| category | kind | reconstruction (per-category choice) | head alone | chosen levels | with the head's "
+             "choice | test labels' choice | cost | head evidence (image; pixel) | spread, last quarter | "
+             "false alarms | training s |", "|---" * 12 + "|"]
+    for c in cats:
+        h = runs[c]["head"]
+        levels = "+".join(lvl for lvl in ("image", "pixel") if h["choice"][lvl]) or "none"
+        oracle = "+".join(lvl for lvl in ("image", "pixel") if h["oracle_choice"][lvl]) or "none"
+        fa = h.get("false_alarms")
+        alarms = f"{fa['rate']:.2f} of {fa['n_normal']}" if fa else ""
+        lines.append(f"| {c} | {kinds[c]} | {fmt(runs[c]['auto'])} | {fmt(h['head'])} | {levels} | {fmt(h['chosen'])} "
+                     f"| {oracle}: {fmt(h['oracle'])} | {fmt({k: h['oracle'][k] - h['chosen'][k] for k in METRICS})} | "
+                     f"{h['evidence']['image_auroc']:.3f}; {h['evidence']['pixel_auroc_aupro_mean']:.3f} | "
+                     f"{fmt(h['spread'])} | {alarms} | "
+                     f"{h['train_seconds']:.0f} |")
+    return lines
 
 
 def parse_pairs(text: str, what: str) -> dict[str, str]:
@@ -329,6 +416,8 @@ def main(args: argparse.Namespace) -> int:
             by_pattern = {p: cached_maps(run_dir, root, holdout_roots.get(name), strengths, p, device)
                           for p in PATTERNS}
             results.setdefault(init, {})[name] = run = score_run(by_pattern)
+            if args.head:
+                run["head"] = score_head(run_dir, root, run, device)
             warning = run["choice"]["warning"]
             print(f"{run_dir.name}: original {fmt(run['original'])}  auto {fmt(run['auto'])}"
                   + (f"  warning: {warning}" if warning else ""), flush=True)

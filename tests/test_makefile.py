@@ -7,6 +7,7 @@ from typing import Dict, List
 
 import main_infer
 import main_train
+import main_train_head
 from scripts import make_synthetic_mvtec, prepare_mvtec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,6 +15,7 @@ PARSERS = {
     "scripts/make_synthetic_mvtec.py": make_synthetic_mvtec.get_args_parser,
     "scripts/prepare_mvtec.py": prepare_mvtec.get_args_parser,
     "main_train.py": main_train.get_args_parser,
+    "main_train_head.py": main_train_head.get_args_parser,
     "main_infer.py": main_infer.get_args_parser,
 }
 
@@ -31,12 +33,14 @@ def _demo_commands(*overrides: str) -> Dict[str, List[str]]:
 
 def test_demo_commands_parse_with_the_scripts_parsers(tmp_path):
     commands = _demo_commands(f"OUT={tmp_path}")
-    assert list(commands) == list(PARSERS)  # generate -> prepare -> train -> evaluate, in order
+    assert list(commands) == list(PARSERS)  # generate -> prepare -> train -> head -> evaluate, in order
     parsed = {script: PARSERS[script]().parse_args(argv) for script, argv in commands.items()}
     prepared = parsed["scripts/prepare_mvtec.py"].dst
-    assert Path(parsed["main_train.py"].data_path) == Path(prepared)
+    assert Path(parsed["main_train.py"].data_path) == Path(prepared) == Path(parsed["main_train_head.py"].data_path)
     assert Path(parsed["main_infer.py"].data_path) == Path(prepared)
-    assert Path(parsed["main_infer.py"].checkpoint).parent == Path(parsed["main_train.py"].output_dir)
+    train_dir = Path(parsed["main_train.py"].output_dir)
+    assert Path(parsed["main_train_head.py"].checkpoint) == train_dir / "checkpoint-last.pth"
+    assert Path(parsed["main_infer.py"].checkpoint) == train_dir / "checkpoint-head.pth"  # the head's output
     # the shipped procedural prior, which exists for the default (tiny) model
     assert (ROOT / parsed["main_train.py"].pretrained).is_file()
     assert parsed["main_train.py"].model == "mae_vit_tiny_patch7"
@@ -50,7 +54,7 @@ def test_demo_from_scratch_on_request(tmp_path):
 def test_demo_overrides_and_own_data(tmp_path):
     commands = _demo_commands(f"OUT={tmp_path}", f"DATA={tmp_path}/mine", "EPOCHS=7",
                               "MODEL=mae_vit_small_patch7", "INPUT_SIZE=56", "BATCH_SIZE=4")
-    assert list(commands) == ["main_train.py", "main_infer.py"]  # DATA=ROOT: no generation step
+    assert list(commands) == ["main_train.py", "main_train_head.py", "main_infer.py"]  # DATA=ROOT: no generation
     train = main_train.get_args_parser().parse_args(commands["main_train.py"])
     assert (train.epochs, train.model, train.input_size, train.batch_size) == (
         7, "mae_vit_small_patch7", 56, 4)
@@ -58,6 +62,13 @@ def test_demo_overrides_and_own_data(tmp_path):
     assert train.pretrained is None  # the prior is a tiny model: another model starts from scratch
     infer = main_infer.get_args_parser().parse_args(commands["main_infer.py"])
     assert infer.data_path == f"{tmp_path}/mine"
+
+
+def test_demo_without_the_head_scores_the_mae_checkpoint(tmp_path):
+    commands = _demo_commands(f"OUT={tmp_path}", "HEAD=0")
+    assert "main_train_head.py" not in commands
+    assert Path(commands["main_infer.py"][commands["main_infer.py"].index("--checkpoint") + 1]).name == \
+        "checkpoint-last.pth"
 
 
 def test_make_test_installs_the_export_requirements_and_demo_does_not(tmp_path):

@@ -11,6 +11,8 @@ from PIL import Image
 
 import main_infer
 import main_train
+import main_train_head
+from scoring import ScoringOptions, holdout_choice, make_calibration
 from scripts import quality_table
 from util.calibration import image_scores
 from util.recipe_choice import EVIDENCE_STRENGTHS, ImageRecipe
@@ -159,3 +161,44 @@ def test_cached_maps_are_recomputed_when_the_evidence_changes(tmp_path, monkeypa
     assert computed == [(1.0, 0.5), (1.0,)]  # re-read while the key matches, recomputed when it changes
     assert [m["strengths"] for m in maps] == [[1.0, 0.5], [1.0, 0.5], [1.0], [1.0]]
     assert maps[2]["key"]["strengths"] == [1.0] and maps[2]["key"]["kinds"]
+
+
+@pytest.mark.slow
+def test_head_rows_are_what_main_infer_scores_with_the_head(synthetic_category, tmp_path, capsys, one_thread):
+    """The head's row at both levels equals main_infer.py --head on; the chosen row (here the head at the
+    image level only) equals main_infer.py's default scoring of the head checkpoint, false alarms included."""
+    names = sorted(p.name for p in (synthetic_category / "train" / "good").iterdir())[:4]
+    run = tmp_path / "out" / "scratch_cat"
+    run.mkdir(parents=True)
+    path = _checkpoint(run / "checkpoint-last.pth", names, synthetic_category)
+    model, _, _ = main_infer.build_model(path)
+    options = ScoringOptions()
+    maps, choice = holdout_choice(model, synthetic_category, names, options, torch.device("cpu"), None)
+    torch.save({**torch.load(path, weights_only=True),
+                "calibration": make_calibration(maps, names, model.img_size, options, choice)}, path)
+    code, _, err = _cli(main_train_head, ["--checkpoint", path, "--data_path", synthetic_category, "--steps", "20",
+                                          "--batch_size", "4", "--select_every", "10", "--eval_every", "5",
+                                          "--num_textures", "4", "--crop_size", "0", "--amp", "none"], capsys)
+    assert code == 0, err
+    head_ckpt = torch.load(run / "checkpoint-head.pth", weights_only=True)
+    head_ckpt["head"]["choice"] = {**head_ckpt["head"]["choice"], "image": True, "pixel": False}
+    torch.save(head_ckpt, run / "checkpoint-head.pth")
+    code, _, err = _cli(quality_table, ["--categories", f"cat={synthetic_category}", "--output_dir",
+                                        tmp_path / "out", "--no_train", "--head"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "quality.json").read_text())["results"]["scratch"]["cat"]
+    infer = [a for a in INFER if a not in ("--sigma", "2")]
+    scored = {}
+    for mode in ("on", "auto"):
+        code, _, err = _cli(main_infer, ["--checkpoint", run / "checkpoint-head.pth", "--data_path",
+                                         synthetic_category, "--output_dir", tmp_path / mode, "--head", mode,
+                                         *infer], capsys)
+        assert code == 0, err
+        scored[mode] = json.loads((tmp_path / mode / "metrics.json").read_text())
+    for key in quality_table.METRICS:
+        assert result["head"]["head"][key] == pytest.approx(scored["on"][key], abs=1e-6)
+        assert result["head"]["chosen"][key] == pytest.approx(scored["auto"][key], abs=1e-6)
+    assert result["head"]["chosen"]["pixel_auroc"] == result["auto"]["pixel_auroc"]  # the recipe's pixel level
+    assert result["head"]["false_alarms"]["rate"] == pytest.approx(scored["auto"]["threshold_check"]["false_alarm_rate"])
+    assert all(v >= 0 for v in result["head"]["spread"].values())
+    assert "Discriminative head" in (tmp_path / "out" / "quality.md").read_text()

@@ -274,6 +274,11 @@ def _normalise(img_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (img_u8.to(torch.float32) / 255.0 - mean) / std
 
 
+def normalise(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] -> float32 normalised as the datasets give them."""
+    return _normalise(images_u8, *_mean_std())
+
+
 def _mean_std() -> Tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1),
             torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1))
