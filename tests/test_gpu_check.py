@@ -41,7 +41,8 @@ def test_cpu_mode_runs_every_part_and_writes_one_json(tmp_path):
     assert r["jobs"]["runs_ok"] == 2 and r["jobs"]["throughput"]["images_per_s"] > 0
     assert r["jobs"]["throughput"]["images_trained"] == 2 * gpu_check.MODES["cpu"].job_epochs * 8
     assert r["demo"]["total_s"] > 0 and 0 <= r["demo"]["image_auroc"] <= 1
-    assert list(r["demo"]["steps_s"]) == ["make_synthetic_mvtec", "prepare_mvtec", "main_train", "main_infer"]
+    assert list(r["demo"]["steps_s"]) == ["make_synthetic_mvtec", "prepare_mvtec", "main_train", "main_train_head",
+                                          "main_infer"]
     assert set(r["inference_frac_bf16_peak"]) == {"eager", "compile"}
     ddp = r["ddp"]
     assert ddp["backend"] == "gloo" and ddp["world_size"] == 1 and ddp["steps"] == gpu_check.MODES["cpu"].ddp_steps
@@ -92,10 +93,12 @@ def test_gpu_mode_fits_in_eight_minutes():
 def test_demo_part_runs_the_makefiles_gpu_recipe(tmp_path):
     commands = gpu_check.demo_commands(gpu_check.MODES["gpu"].demo_overrides, tmp_path)
     assert [Path(c[1]).name for c in commands] == ["make_synthetic_mvtec.py", "prepare_mvtec.py", "main_train.py",
-                                                  "main_infer.py"]
+                                                  "main_train_head.py", "main_infer.py"]
     assert all(c[0] == sys.executable for c in commands)
-    train = commands[2]
+    train, head, infer = commands[2:]
     assert train[train.index("--input_size") + 1] == "224" and train[train.index("--batch_size") + 1] == "32"
+    assert head[head.index("--steps") + 1] == "1500" and head[head.index("--batch_size") + 1] == "16"
+    assert Path(infer[infer.index("--checkpoint") + 1]).name == "checkpoint-head.pth"
 
 
 def test_sync_counting_is_cuda_only_and_recipe_options_parse(tmp_path):

@@ -150,12 +150,14 @@ def _stored_choice(image, pixel):
     (0.80, 0.80, None, (True, True)),  # leads both levels by more than the margin
     (0.70 + HEAD_MARGIN - 0.005, 0.60 + HEAD_MARGIN, None, (False, True)),  # image lead short of the margin
     (0.90, 0.50, 0.55, (False, False)),  # the image lead comes from faint defects, full strength is chance
+    (0.50, 0.80, 0.50, (False, False)),  # a pixel lead from a head that finds nothing at full strength
 ])
 def test_the_head_takes_a_level_only_when_it_clearly_leads_the_chosen_recipe(head_image, head_pixel, full, expected):
     decision = choose_head(_head_evidence(head_image, head_pixel, full), _stored_choice(0.70, 0.60))
     assert (decision["image"], decision["pixel"]) == expected
     assert decision["reconstruction"] == {"image": 0.70, "pixel": 0.60}  # the chosen recipes', not the best ones
     assert "0.700" in decision["reason"] and "mse max s4" in decision["reason"]
+    assert ("within chance" in decision["reason"]) == (full is not None)  # both fulls are below 0.72
 
 
 def test_no_head_without_graded_evidence_to_compare_it_with():
