@@ -28,8 +28,9 @@ A checkpoint's `head` entry (main_train_head.py; a plain dict, weights_only-load
     selection                    the held-out evidence the weights were chosen by (each checked step's
                                  metrics on held-out normal images with simulated anomalies on them)
     evidence, choice             (version 2) the head's graded evidence on the recipe choice's synthetic
-                                 defects and where it replaces the reconstruction recipe
-                                 (util.recipe_choice.choose_head)
+                                 defects (scoring.head_evidence; the strongest strength only where
+                                 that rules the head out) and where it replaces the reconstruction
+                                 recipe (util.recipe_choice.choose_head)
     holdout_maps                 (version 2) {"pixel", "image": float32 [n, S, S]}, the head's maps of
                                  the held-out normal images: main_infer.py's threshold where it scores
 `head_from_entry(entry)` rebuilds the head from it.

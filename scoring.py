@@ -31,8 +31,8 @@ from models_mae import AnomalyScorer, MaskedAutoencoderViT
 from util.calibration import MIN_CALIBRATION_IMAGES, MapSpec, Threshold, fit_level, fit_threshold
 from util.datasets import TestDataset, holdout_items, normalise
 from util.defects import synthetic_defects
-from util.recipe_choice import (EVIDENCE_STRENGTHS, DefectMaps, RecipeChoice, check_strengths, choice_from_dict,
-                                choose_recipes, image_value, pixel_value)
+from util.recipe_choice import (EVIDENCE_STRENGTHS, DefectMaps, RecipeChoice, chance_level, check_strengths,
+                                choice_from_dict, choose_recipes, image_value, pixel_value)
 from util.smoothing import GaussianSmoothing
 
 # 1 (never released) stored smoothed maps; 2 the maps and the global defaults; 3 adds the choice;
@@ -155,22 +155,32 @@ def head_evidence(scorer: HeadScorer, images: torch.Tensor, seed: int, strengths
     """The head's graded evidence on held-out normal images [n, 3, S, S] uint8 and the evidence
     defects on them (evidence_defects: the recipe choice's images when seed and strengths are its),
     for util.recipe_choice.choose_head, and the head's maps of the normal images {"pixel", "image":
-    [n, S, S]} (its threshold's source). `scorer` uses the head at both levels."""
+    [n, S, S]} (its threshold's source). `scorer` uses the head at both levels.
+
+    Where the head's full-strength image AUROC is within chance (util.recipe_choice.chance_level), the
+    head takes neither level whatever the fainter strengths say, so they are not measured (each costs
+    as many MAE passes as the full strength): `strengths` then lists the full strength only and
+    `stopped` says why."""
     normal_scores, normal_pixel, normal_image = collect_outputs(scorer, normalise(images), device, amp_dtype,
                                                                 batch_size)
-    n, by_strength, n_defective = images.shape[0], {}, 0
-    for d in evidence_defects(images, seed, strengths):
+    n, by_strength, n_defective, stopped = images.shape[0], {}, 0, None
+    for d in evidence_defects(images, seed, strengths):  # strongest first
         scores, pixel_maps, _ = collect_outputs(scorer, d.images, device, amp_dtype, batch_size)
         labels = np.r_[np.zeros(n), np.ones(len(scores))]
         masks = np.concatenate([np.zeros((n, *d.masks.shape[1:]), bool), d.masks.numpy()])
-        by_strength[f"{d.strength:g}"] = {
-            "image_auroc": image_value(torch.cat([normal_scores, scores]), labels),
-            "pixel_auroc_aupro_mean": pixel_value(torch.cat([normal_pixel, pixel_maps]), masks)}
+        value = {"image_auroc": image_value(torch.cat([normal_scores, scores]), labels),
+                 "pixel_auroc_aupro_mean": pixel_value(torch.cat([normal_pixel, pixel_maps]), masks)}
+        by_strength[f"{d.strength:g}"] = value
         n_defective += len(scores)
-    evidence = {"statistic": "mean over strengths", "strengths": list(check_strengths(strengths)),
+        if len(by_strength) == 1 and value["image_auroc"] < chance_level(n, len(scores)):
+            stopped = (f"the image AUROC at strength {d.strength:g} {value['image_auroc']:.2f} is within chance "
+                       f"({chance_level(n, len(scores)):.2f}); the fainter strengths were not measured")
+            break
+    evidence = {"statistic": "mean over strengths", "strengths": [float(s) for s in by_strength],
                 **{k: float(np.mean([v[k] for v in by_strength.values()]))
                    for k in ("image_auroc", "pixel_auroc_aupro_mean")},
-                "by_strength": by_strength, "seed": seed, "n_normal": n, "n_defective": n_defective}
+                "by_strength": by_strength, "seed": seed, "n_normal": n, "n_defective": n_defective,
+                "stopped": stopped}
     return evidence, {"pixel": normal_pixel, "image": normal_image}
 
 

@@ -366,7 +366,8 @@ def head_markdown(runs: dict[str, dict[str, Any]], kinds: dict[str, str]) -> lis
         alarms = f"{fa['rate']:.2f} of {fa['n_normal']}" if fa else ""
         lines.append(f"| {c} | {kinds[c]} | {fmt(runs[c]['auto'])} | {fmt(h['head'])} | {levels} | {fmt(h['chosen'])} "
                      f"| {oracle}: {fmt(h['oracle'])} | {fmt({k: h['oracle'][k] - h['chosen'][k] for k in METRICS})} | "
-                     f"{h['evidence']['image_auroc']:.3f}; {h['evidence']['pixel_auroc_aupro_mean']:.3f} | "
+                     f"{h['evidence']['image_auroc']:.3f}; {h['evidence']['pixel_auroc_aupro_mean']:.3f}"
+                     f"{' (strongest only)' if h['evidence'].get('stopped') else ''} | "
                      f"{fmt(h['spread'])} | {alarms} | "
                      f"{h['train_seconds']:.0f} |")
     return lines

@@ -17,10 +17,13 @@ from engine import (SELECTION_METRICS, HeadInputs, SampleBuffer, ema_average, fo
                     random_crops, selection_score)
 from lora_utils import unmerged_state_dict
 from models_head import HeadScorer, create_head, head_from_entry, head_maps
-from models_mae import AnomalyScorer, create_model
-from scoring import SCORING_VERSION, ScoringOptions, holdout_choice, make_calibration
+from models_mae import AnomalyOutput, AnomalyScorer, create_model
+from scoring import (SCORING_VERSION, ScoringOptions, evidence_defects, head_evidence, holdout_choice,
+                     make_calibration)
 from util.anomaly_simulation import NORMAL_KIND, SimulationConfig, simulate, soft_targets
 from util.cli import run_cli
+from util.datasets import TestDataset, holdout_items, normalise
+from util.recipe_choice import EVIDENCE_STRENGTHS
 
 SIZE = 56
 TRAIN_ARGS = {"model": "mae_vit_tiny_patch7", "input_size": SIZE, "norm_pix_loss": False, "lora_rank": 4,
@@ -279,6 +282,35 @@ def test_holdout_evidence_and_metrics_on_a_tiny_model():
     assert selection_score(metrics) == pytest.approx(np.mean([metrics[k] for k in SELECTION_METRICS]))
 
 
+class _NearestNormal(torch.nn.Module):
+    """A stand-in for a HeadScorer: the map is the absolute difference to the nearest of the normal
+    images (so 0 on them and exactly the change on a defective copy), the score its maximum; a blind
+    one maps everything to 0."""
+
+    def __init__(self, normals: torch.Tensor, blind: bool) -> None:
+        super().__init__()
+        self.normals, self.blind = normals, blind
+
+    def forward(self, imgs: torch.Tensor) -> AnomalyOutput:
+        diff = (imgs[:, None] - self.normals[None]).abs().sum(2)  # [B, n, H, W]
+        maps = diff[torch.arange(len(imgs)), diff.flatten(2).sum(-1).argmin(1)] * (0.0 if self.blind else 1.0)
+        return AnomalyOutput(maps.flatten(1).amax(1), maps, imgs, maps)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_head_evidence_measures_the_fainter_strengths_only_where_the_full_strength_finds_defects(blind):
+    images = _images(4, size=SIZE)
+    evidence, maps = head_evidence(_NearestNormal(normalise(images), blind), images, 0, EVIDENCE_STRENGTHS,
+                                   torch.device("cpu"), None)
+    defects = evidence_defects(images, 0, EVIDENCE_STRENGTHS)
+    measured = defects[:1] if blind else defects
+    assert evidence["strengths"] == [d.strength for d in measured]
+    assert evidence["n_defective"] == sum(len(d.images) for d in measured)  # the recipe choice's defect images
+    assert evidence["by_strength"]["1"]["image_auroc"] == (0.5 if blind else 1.0)
+    assert (evidence["stopped"] is not None) == blind
+    assert maps["pixel"].shape == (4, SIZE, SIZE) and maps["image"].shape == (4, SIZE, SIZE)
+
+
 # ---- the head in main_infer.py and scripts/export.py ----------------------------------------
 def _infer(argv, capsys) -> tuple[int, str, str]:
     code = run_cli(main_infer.main, main_infer.get_args_parser().parse_args([str(a) for a in argv]))
@@ -406,8 +438,11 @@ def test_the_head_choice_compares_the_same_evidence_and_reads_no_test_label(synt
         entries.append(_load(out / "checkpoint-head.pth")["head"])
     assert entries[0]["evidence"] == entries[1]["evidence"] and entries[0]["choice"] == entries[1]["choice"]
     stored = choice.to_dict()
-    assert entries[0]["evidence"]["strengths"] == stored["evidence"]["strengths"]
-    assert entries[0]["evidence"]["n_defective"] == stored["evidence"]["n_defective"]  # the same defect images
+    head = entries[0]["evidence"]  # the strongest first, the fainter ones unless the strongest ruled the head out
+    assert head["strengths"] == stored["evidence"]["strengths"][:len(head["strengths"])]
+    holdout = TestDataset(holdout_items(synthetic_category, names), SIZE).images
+    measured = evidence_defects(holdout, 0, tuple(stored["evidence"]["strengths"]))[:len(head["strengths"])]
+    assert head["n_defective"] == sum(len(d.images) for d in measured)  # the same defect images
     assert entries[0]["choice"]["reconstruction"] == {
         "image": stored["evidence"]["image_auroc"][choice.image.name],
         "pixel": stored["evidence"]["pixel_auroc_aupro_mean"][choice.pixel_map]}

@@ -201,4 +201,6 @@ def test_head_rows_are_what_main_infer_scores_with_the_head(synthetic_category, 
     assert result["head"]["chosen"]["pixel_auroc"] == result["auto"]["pixel_auroc"]  # the recipe's pixel level
     assert result["head"]["false_alarms"]["rate"] == pytest.approx(scored["auto"]["threshold_check"]["false_alarm_rate"])
     assert all(v >= 0 for v in result["head"]["spread"].values())
-    assert "Discriminative head" in (tmp_path / "out" / "quality.md").read_text()
+    table = (tmp_path / "out" / "quality.md").read_text()
+    assert "Discriminative head" in table
+    assert ("(strongest only)" in table) == bool(head_ckpt["head"]["evidence"]["stopped"])

@@ -134,8 +134,8 @@ def _head_evidence(image, pixel, full_strength_image=None, n_normal=8, per_stren
     by_strength = {f"{s:g}": {"image_auroc": image, "pixel_auroc_aupro_mean": pixel} for s in EVIDENCE_STRENGTHS}
     if full_strength_image is not None:
         by_strength["1"]["image_auroc"] = full_strength_image
-    return {"image_auroc": image, "pixel_auroc_aupro_mean": pixel, "by_strength": by_strength,
-            "n_normal": n_normal, "n_defective": per_strength * len(EVIDENCE_STRENGTHS)}
+    return {"image_auroc": image, "pixel_auroc_aupro_mean": pixel, "strengths": list(EVIDENCE_STRENGTHS),
+            "by_strength": by_strength, "n_normal": n_normal, "n_defective": per_strength * len(EVIDENCE_STRENGTHS)}
 
 
 def _stored_choice(image, pixel):
@@ -158,6 +158,17 @@ def test_the_head_takes_a_level_only_when_it_clearly_leads_the_chosen_recipe(hea
     assert decision["reconstruction"] == {"image": 0.70, "pixel": 0.60}  # the chosen recipes', not the best ones
     assert "0.700" in decision["reason"] and "mse max s4" in decision["reason"]
     assert ("within chance" in decision["reason"]) == (full is not None)  # both fulls are below 0.72
+
+
+@pytest.mark.parametrize("full, expected", [(0.55, (False, False)), (0.74, (False, True))])
+def test_a_head_measured_at_the_strongest_strength_only_is_judged_on_its_own_counts(full, expected):
+    """scoring.head_evidence stops after the strongest strength when the head finds nothing there: its
+    chance level is then that of its own 56 defects (0.72), not of a quarter of them."""
+    one = {"image_auroc": full, "pixel_auroc_aupro_mean": 0.90, "strengths": [1.0], "n_normal": 8, "n_defective": 56,
+           "by_strength": {"1": {"image_auroc": full, "pixel_auroc_aupro_mean": 0.90}}}
+    decision = choose_head(one, _stored_choice(0.70, 0.60))
+    assert (decision["image"], decision["pixel"]) == expected
+    assert ("within chance (0.72)" in decision["reason"]) == (full < 0.72)
 
 
 def test_no_head_without_graded_evidence_to_compare_it_with():

@@ -287,8 +287,9 @@ def pixel_value(maps: torch.Tensor, masks: np.ndarray) -> float:
 def choose_head(head: dict[str, Any], choice: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Where the discriminative head (models_head) replaces the reconstruction recipe, from the same
     evidence: `head` holds its graded evidence ({"image_auroc", "pixel_auroc_aupro_mean": mean over
-    the strengths, "by_strength", "n_normal", "n_defective"}, on the very defect images the stored
-    `choice` (RecipeChoice.to_dict) was made from). A level takes the head when its evidence leads
+    the strengths, "strengths", "by_strength", "n_normal", "n_defective"}, on the very defect images
+    the stored `choice` (RecipeChoice.to_dict) was made from; scoring.head_evidence measures only the
+    strongest where that alone rules the head out). A level takes the head when its evidence leads
     the chosen recipe's by HEAD_MARGIN and the head finds the defects at all: its image AUROC at full
     strength passes chance_level. The pixel level needs that too, because its value (pixel AUROC and
     AUPRO) has no chance level of its own: on a photo texture where the head's full-strength AUROC was
@@ -304,18 +305,20 @@ def choose_head(head: dict[str, Any], choice: Optional[dict[str, Any]]) -> dict[
                                       "before it); the head is used only when asked for (main_infer.py --head on)"}
     image_name = ImageRecipe(choice["image_map"], choice["image_sigma"], choice["score"], choice["topk_fraction"]).name
     recon = {"image": evidence["image_auroc"][image_name], "pixel": evidence["pixel_auroc_aupro_mean"][choice["pixel_map"]]}
-    strongest = f"{max(evidence['strengths']):g}"
-    level = chance_level(head["n_normal"], head["n_defective"] // len(evidence["strengths"]))
+    strongest = f"{max(head['strengths']):g}"
+    level = chance_level(head["n_normal"], head["n_defective"] // len(head["strengths"]))
     ours = {"image": head["image_auroc"], "pixel": head["pixel_auroc_aupro_mean"]}
-    finds_defects = head["by_strength"][strongest]["image_auroc"] >= level
-    decision.update(reconstruction=recon, image=finds_defects and ours["image"] >= recon["image"] + HEAD_MARGIN,
-                    pixel=finds_defects and ours["pixel"] >= recon["pixel"] + HEAD_MARGIN)
     names = {"image": f"image score {image_name}", "pixel": f"pixel map {choice['pixel_map']}"}
+    full = head["by_strength"][strongest]["image_auroc"]
+    decision["reconstruction"] = recon
+    if full < level:
+        return {**decision, "reason": f"both levels reconstruction ({names['image']}, held-out evidence "
+                                      f"{recon['image']:.3f}; {names['pixel']}, {recon['pixel']:.3f}): the head's "
+                                      f"full-strength image AUROC {full:.2f} is within chance ({level:.2f})"}
+    decision.update(image=ours["image"] >= recon["image"] + HEAD_MARGIN,
+                    pixel=ours["pixel"] >= recon["pixel"] + HEAD_MARGIN)
     parts = [f"{lvl} level {'head' if decision[lvl] else 'reconstruction'} (held-out evidence {ours[lvl]:.3f} "
              f"against {recon[lvl]:.3f} for {names[lvl]})" for lvl in ("image", "pixel")]
-    if not finds_defects:
-        parts.append(f"the head's full-strength image AUROC {head['by_strength'][strongest]['image_auroc']:.2f} "
-                     f"is within chance ({level:.2f})")
     return {**decision, "reason": "; ".join(parts)}
 
 
