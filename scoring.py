@@ -172,9 +172,10 @@ def head_evidence(scorer: HeadScorer, images: torch.Tensor, seed: int, strengths
                  "pixel_auroc_aupro_mean": pixel_value(torch.cat([normal_pixel, pixel_maps]), masks)}
         by_strength[f"{d.strength:g}"] = value
         n_defective += len(scores)
-        if len(by_strength) == 1 and value["image_auroc"] < chance_level(n, len(scores)):
+        level = chance_level(n, len(scores))
+        if len(by_strength) == 1 and value["image_auroc"] < level:
             stopped = (f"the image AUROC at strength {d.strength:g} {value['image_auroc']:.2f} is within chance "
-                       f"({chance_level(n, len(scores)):.2f}); the fainter strengths were not measured")
+                       f"({level:.2f}); the fainter strengths were not measured")
             break
     evidence = {"statistic": "mean over strengths", "strengths": [float(s) for s in by_strength],
                 **{k: float(np.mean([v[k] for v in by_strength.values()]))
