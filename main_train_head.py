@@ -37,7 +37,7 @@ from util.cli import (DefaultsHelpFormatter, OneLineArgumentParser, UserError, c
 from util.datasets import TestDataset, TrainDataset, find_test_items, holdout_items
 from util.defects import DEFECT_MAKERS, EVIDENCE_KINDS
 from util.misc import AMP_CHOICES, resolve_amp, resolve_device, save_atomic
-from util.recipe_choice import EVIDENCE_STRENGTHS, HEAD_MARGIN, choose_head
+from util.recipe_choice import EVIDENCE_STRENGTHS, HEAD_MARGINS, choose_head
 
 OUTPUTS = ("checkpoint-head.pth", "head_log.txt", "head_args.json")
 HEAD_NUM_MASKS = ScoringOptions.num_masks  # the head reads the maps main_infer.py scores with
@@ -216,7 +216,7 @@ def choose_levels(scorer: AnomalyScorer, head: torch.nn.Module, image_kernel: in
     evidence, holdout_maps = head_evidence(head_scorer, images, seed, strengths, device, amp_dtype)
     seen = sorted(set(kinds) & set(EVIDENCE_KINDS))
     if seen:
-        levels = {"pixel": False, "image": False, "margin": HEAD_MARGIN, "reconstruction": None,
+        levels = {"pixel": False, "image": False, "margin": dict(HEAD_MARGINS), "reconstruction": None,
                   "reason": f"the head was trained on {', '.join(seen)}, kinds the held-out evidence is made of, so "
                             f"the evidence cannot judge it; it is used only when asked for (main_infer.py --head on)"}
     else:

@@ -14,7 +14,7 @@ from models_mae import create_model
 from scoring import (CALIBRATION_VERSION, LEGACY_OPTIONS, ScoringOptions, checkpoint_defaults, holdout_choice,
                      holdout_error_maps, make_calibration)
 from util.defects import EVIDENCE_KINDS
-from util.recipe_choice import (EVIDENCE_STRENGTHS, HEAD_MARGIN, IMAGE_CANDIDATES, PIXEL_CANDIDATES, PIXEL_MARGIN,
+from util.recipe_choice import (EVIDENCE_STRENGTHS, HEAD_MARGINS, IMAGE_CANDIDATES, PIXEL_CANDIDATES, PIXEL_MARGIN,
                                 TOLERANCE, DefectMaps, ImageRecipe, chance_level, check_strengths, choose_head,
                                 choose_recipes)
 
@@ -148,7 +148,9 @@ def _stored_choice(image, pixel):
 
 @pytest.mark.parametrize("head_image, head_pixel, full, expected", [
     (0.80, 0.80, None, (True, True)),  # leads both levels by more than the margin
-    (0.70 + HEAD_MARGIN - 0.005, 0.60 + HEAD_MARGIN, None, (False, True)),  # image lead short of the margin
+    (0.70 + HEAD_MARGINS["image"] - 0.005, 0.60 + HEAD_MARGINS["pixel"], None, (False, True)),  # image lead short
+    (0.70 + HEAD_MARGINS["image"], 0.60 + HEAD_MARGINS["pixel"] - 0.005, None, (True, False)),  # pixel lead short
+    (0.73, 0.60 + 0.06, None, (False, False)),  # the capsule's misleading pixel lead (docs/QUALITY.md)
     (0.90, 0.50, 0.55, (False, False)),  # the image lead comes from faint defects, full strength is chance
     (0.50, 0.80, 0.50, (False, False)),  # a pixel lead from a head that finds nothing at full strength
 ])
