@@ -20,6 +20,8 @@ from util.recipe_choice import (EVIDENCE_STRENGTHS, HEAD_MARGINS, IMAGE_CANDIDAT
 
 from test_scoring_cli import INFER, SIZE, _checkpoint, _cli, _rows
 
+INFER_STORED_DEFAULTS = [a for a in INFER if a not in ("--sigma", "2")]  # the stored recipe sets sigma
+
 
 def _maps(n, s, rng, fixed):
     """{mse, msgms} maps [n, s, s]: noise, plus (aligned) a bright fixed pattern every image shares."""
@@ -212,6 +214,15 @@ def test_the_choice_reads_no_test_label(synthetic_category, tmp_path, one_thread
     assert 0 < choice_a.n_defective <= 4 * len(EVIDENCE_KINDS) * len(EVIDENCE_STRENGTHS)
 
 
+def _store_and_score(checkpoint, calibration, ckpt, category, out, capsys):
+    """Store `calibration` in the checkpoint (a scoring-version-3 run) and score `category` with its defaults."""
+    checkpoint["calibration"] = calibration
+    checkpoint["args"]["scoring_version"] = 3
+    torch.save(checkpoint, ckpt)
+    return _cli(main_infer, ["--checkpoint", ckpt, "--data_path", category, "--output_dir", out,
+                             *INFER_STORED_DEFAULTS], capsys)
+
+
 @pytest.mark.slow
 def test_a_stored_choice_is_used_recorded_and_overridden_by_flags(synthetic_category, tmp_path, capsys, one_thread):
     names = sorted(p.name for p in (synthetic_category / "train" / "good").iterdir())[:4]
@@ -219,12 +230,8 @@ def test_a_stored_choice_is_used_recorded_and_overridden_by_flags(synthetic_cate
     checkpoint = torch.load(ckpt, weights_only=True)
     model, _, _ = main_infer.build_model(str(ckpt))
     maps, choice = holdout_choice(model, synthetic_category, names, ScoringOptions(), torch.device("cpu"), None)
-    checkpoint["calibration"] = make_calibration(maps, names, SIZE, ScoringOptions(), choice)
-    checkpoint["args"]["scoring_version"] = 3
-    torch.save(checkpoint, ckpt)
-    infer = [a for a in INFER if a not in ("--sigma", "2")]
-    code, stdout, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category,
-                                          "--output_dir", tmp_path / "a", *infer], capsys)
+    code, stdout, err = _store_and_score(checkpoint, make_calibration(maps, names, SIZE, ScoringOptions(), choice),
+                                         ckpt, synthetic_category, tmp_path / "a", capsys)
     assert code == 0, err
     assert "chosen for this category" in stdout and "calibration: stored in the checkpoint" in stdout
     scoring = json.loads((tmp_path / "a" / "metrics.json").read_text())["scoring"]
@@ -233,7 +240,7 @@ def test_a_stored_choice_is_used_recorded_and_overridden_by_flags(synthetic_cate
     assert scoring["mask_pattern"] == "grid" and scoring["overridden_by_flags"] == []
     other = "mse-absz" if choice.image.image_map != "mse-absz" else "mse"
     code, stdout, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category, "--output_dir",
-                                          tmp_path / "b", "--image_map", other, *infer], capsys)
+                                          tmp_path / "b", "--image_map", other, *INFER_STORED_DEFAULTS], capsys)
     assert code == 0, err
     scoring = json.loads((tmp_path / "b" / "metrics.json").read_text())["scoring"]
     assert scoring["image_map"] == other and scoring["overridden_by_flags"] == ["image_map"]
@@ -271,18 +278,14 @@ def test_a_choice_from_before_graded_evidence_scores_exactly_as_before(synthetic
                                                    "pixel_auroc_aupro_mean": {"mse": 0.8}, "map_consistency": 0.9,
                                                    "per_pixel_eligible": True, "pixel_margin": 0.15,
                                                    "n_normal": 4, "n_defective": 12}}
-    checkpoint["calibration"] = {**make_calibration(maps, names, SIZE, options), "version": 3, "choice": old_choice}
-    checkpoint["args"]["scoring_version"] = 3
-    torch.save(checkpoint, ckpt)
-    infer = [a for a in INFER if a not in ("--sigma", "2")]
-    code, stdout, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category,
-                                          "--output_dir", tmp_path / "a", *infer], capsys)
+    calibration = {**make_calibration(maps, names, SIZE, options), "version": 3, "choice": old_choice}
+    code, stdout, err = _store_and_score(checkpoint, calibration, ckpt, synthetic_category, tmp_path / "a", capsys)
     assert code == 0, err
     assert "before graded strengths" in stdout and "calibration: stored in the checkpoint" in stdout
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["scoring"]["choice"] == old_choice
     explicit = ["--mask_pattern", "grid", "--image_map", "mse-absz", "--image_sigma", "2", "--pixel_map", "mse"]
     code, _, err = _cli(main_infer, ["--checkpoint", ckpt, "--data_path", synthetic_category,
-                                     "--output_dir", tmp_path / "b", *infer, *explicit], capsys)
+                                     "--output_dir", tmp_path / "b", *INFER_STORED_DEFAULTS, *explicit], capsys)
     assert code == 0, err
     assert [r["score"] for r in _rows(tmp_path / "a" / "scores.csv")] == \
         [r["score"] for r in _rows(tmp_path / "b" / "scores.csv")]
