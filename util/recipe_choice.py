@@ -295,8 +295,8 @@ def choose_head(head: dict[str, Any], choice: Optional[dict[str, Any]]) -> dict[
     the strengths, "strengths", "by_strength", "n_normal", "n_defective"}, on the very defect images
     the stored `choice` (RecipeChoice.to_dict) was made from; scoring.head_evidence measures only the
     strongest where that alone rules the head out). A level takes the head when its evidence leads
-    the chosen recipe's by that level's HEAD_MARGINS and the head finds the defects at all: its image AUROC at full
-    strength passes chance_level. The pixel level needs that too, because its value (pixel AUROC and
+    the chosen recipe's by that level's HEAD_MARGINS and the head finds the defects at all: its image
+    AUROC at full strength passes chance_level. The pixel level needs that too, because its value (pixel AUROC and
     AUPRO) has no chance level of its own: on a photo texture where the head's full-strength AUROC was
     0.49 its pixel value led raw `mse` by 0.13, and on the test images it gave pixel AUROC 0.38 against
     0.69. No stored choice (a checkpoint older than the graded evidence): no head.
